@@ -1,0 +1,4 @@
+//! The Dockerfile frontend: bytes → AST (`parser`) → typed instructions (`instructions`)
+//! → variables expanded (`expand`) → stages and their DAG (`stages`).
+pub mod dump;
+pub mod parser;

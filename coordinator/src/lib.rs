@@ -1,0 +1,4 @@
+//! dbuild coordinator: Dockerfile frontend, build context, cache keys.
+pub mod context;
+pub mod digest;
+pub mod frontend;

@@ -1,0 +1,1 @@
+//! dbuild worker: executes stage tasks on a Docker daemon (issue #3).
