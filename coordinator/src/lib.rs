@@ -1,4 +1,6 @@
 //! dbuild coordinator: Dockerfile frontend, build context, cache keys.
+pub mod analysis;
 pub mod context;
 pub mod digest;
 pub mod frontend;
+pub mod keys;
