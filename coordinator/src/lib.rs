@@ -4,3 +4,5 @@ pub mod context;
 pub mod digest;
 pub mod frontend;
 pub mod keys;
+pub mod scheduler;
+pub mod task;

@@ -79,6 +79,11 @@ pub enum StageRef {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PlannedInstruction {
     pub instruction: Instruction,
+    /// The instruction as typed, before any expansion (the executor expands it again once
+    /// the base image's ENV is known).
+    pub raw: Instruction,
+    /// The ARG values in scope when the instruction runs.
+    pub args: BTreeMap<String, String>,
     /// The line as written (continuations joined).
     pub source: String,
     pub start_line: usize,
@@ -220,7 +225,7 @@ pub fn plan(df: &Dockerfile, opts: &PlanOptions) -> Result<Plan, PlanError> {
             let lower = t.to_lowercase();
             froms
                 .iter()
-                .position(|f| f.name.as_deref() == Some(lower.as_str()))
+                .rposition(|f| f.name.as_deref() == Some(lower.as_str()))
                 .ok_or_else(|| {
                     let names: Vec<&str> = froms.iter().filter_map(|f| f.name.as_deref()).collect();
                     PlanError {
@@ -451,6 +456,8 @@ impl StageCtx<'_> {
     ) -> Result<PlannedInstruction, PlanError> {
         let line = node.start_line;
         let mut instruction = parse_instruction(node).map_err(|e| at(e.line, e.message))?;
+        let raw = instruction.clone();
+        let args_before = scope.args.clone();
         let mut used: BTreeSet<String> = BTreeSet::new();
         match &mut instruction {
             Instruction::Arg(decls) => {
@@ -531,6 +538,8 @@ impl StageCtx<'_> {
         };
         Ok(PlannedInstruction {
             instruction,
+            raw,
+            args: args_before,
             source: node.original.trim().to_string(),
             start_line: node.start_line,
             end_line: node.end_line,

@@ -1,0 +1,199 @@
+//! What the scheduler hands an executor, and what comes back. The same types travel to
+//! remote workers over gRPC (issue #4), so everything here is plain data; the build's
+//! context files and secrets reach the executor through [`BuildInputs`].
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::context::ContextManifest;
+use crate::frontend::instructions::Instruction;
+use crate::keys::{InstructionKey, StageKey};
+
+/// Tag under which an executor keeps a stage's result image on its daemon.
+pub fn stage_image_tag(key: &StageKey) -> String {
+    format!("dbuild-stage:{}", key.to_hex())
+}
+
+/// Tag under which an executor keeps the image committed after one instruction, so an
+/// unchanged prefix of a stage is never run again.
+pub fn instruction_image_tag(key: &InstructionKey) -> String {
+    format!("dbuild-cache:{}", key.to_hex())
+}
+
+/// Where a stage starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskBase {
+    Scratch,
+    /// An external image, with the immutable id it was pinned to for this build.
+    Image {
+        reference: String,
+        id: String,
+    },
+    /// The result of an earlier stage.
+    Stage {
+        index: usize,
+        key: StageKey,
+    },
+}
+
+/// What a `COPY --from` or `RUN --mount from=` reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskSource {
+    Scratch,
+    Image { reference: String, id: String },
+    Stage { index: usize, key: StageKey },
+}
+
+/// One instruction of a stage task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskInstruction {
+    /// The instruction with only the Dockerfile's own ARG/ENV expanded; references to the
+    /// base image's ENV are still `$NAME` (see `raw` and `args`).
+    pub instruction: Instruction,
+    /// The instruction as typed from the Dockerfile, unexpanded. The executor expands it
+    /// once against the image's ENV and `args` (ENV wins), as Docker does.
+    pub raw: Instruction,
+    /// ARG values in scope at this instruction (RUN gets them in its environment).
+    pub args: BTreeMap<String, String>,
+    pub key: InstructionKey,
+    /// The line as written, for logs and errors.
+    pub source: String,
+    pub line: usize,
+    pub copy_from: Option<TaskSource>,
+    /// Aligned with the RUN's mounts.
+    pub mount_from: Vec<Option<TaskSource>>,
+}
+
+/// One stage to build.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageTask {
+    pub build_id: String,
+    pub stage: usize,
+    pub name: Option<String>,
+    pub key: StageKey,
+    pub base: TaskBase,
+    /// `os/arch[/variant]`.
+    pub platform: String,
+    pub instructions: Vec<TaskInstruction>,
+    /// The Dockerfile's escape character (for ONBUILD triggers of the base image).
+    pub escape: char,
+    /// Skip the per-instruction reuse of committed images.
+    pub no_cache: bool,
+}
+
+impl StageTask {
+    pub fn display_name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("stage-{}", self.stage))
+    }
+}
+
+/// What a finished stage left behind.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageResult {
+    pub stage: usize,
+    pub key: StageKey,
+    /// The image id on the executor's daemon, also tagged [`stage_image_tag`].
+    pub image_id: String,
+    /// Instructions run, and instructions reused from an already committed image.
+    pub executed: usize,
+    pub reused: usize,
+    pub duration: Duration,
+    /// Wall time spent inside RUN commands (for the per-instruction overhead benchmark).
+    pub command_time: Duration,
+}
+
+/// Reads the build context's files for an executor.
+pub trait ContextFiles: Send + Sync {
+    /// Opens the context file at `path` (relative, `/`-separated, as in the manifest).
+    fn open(&self, path: &str) -> std::io::Result<Box<dyn Read + Send>>;
+}
+
+/// The context as a local directory (one-machine builds).
+pub struct LocalContext {
+    pub root: PathBuf,
+}
+
+impl ContextFiles for LocalContext {
+    fn open(&self, path: &str) -> std::io::Result<Box<dyn Read + Send>> {
+        Ok(Box::new(std::fs::File::open(self.root.join(path))?))
+    }
+}
+
+/// Everything about a build that is not plain data: its files and secrets.
+#[derive(Clone)]
+pub struct BuildInputs {
+    pub manifest: Arc<ContextManifest>,
+    pub context: Arc<dyn ContextFiles>,
+    /// `--secret id=..,src=..`: id → file contents.
+    pub secrets: Arc<BTreeMap<String, Vec<u8>>>,
+}
+
+/// A line of output from a stage, or a note from the executor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageLog {
+    pub stage: usize,
+    pub line: String,
+}
+
+/// Why a stage failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[error("{message}")]
+pub struct StageError {
+    pub message: String,
+    /// The Dockerfile line of the failing instruction, if one is to blame.
+    pub line: Option<usize>,
+    /// The last lines of the failing command's output.
+    pub log_tail: Vec<String>,
+    pub cancelled: bool,
+}
+
+impl StageError {
+    pub fn new(message: impl Into<String>) -> Self {
+        StageError {
+            message: message.into(),
+            line: None,
+            log_tail: Vec::new(),
+            cancelled: false,
+        }
+    }
+
+    pub fn cancelled() -> Self {
+        StageError {
+            cancelled: true,
+            ..StageError::new("cancelled")
+        }
+    }
+}
+
+/// Runs stage tasks: the local Docker executor (`worker` crate) or, later, a remote worker.
+///
+/// **Cancel safety**: `run_stage` is not cancel safe. Dropping its future can leave a
+/// container behind; cancel through `cancel` and keep awaiting the future, which then
+/// removes what it made and returns [`StageError::cancelled`].
+#[async_trait::async_trait]
+pub trait Executor: Send + Sync {
+    /// A short name for progress events (the worker's name).
+    fn name(&self) -> &str;
+
+    /// Pins an external image reference to an immutable id, pulling it when it is missing
+    /// (always when `pull`). The error says which image is missing and how to provide it.
+    async fn resolve_image(&self, reference: &str, pull: bool) -> Result<String, StageError>;
+
+    /// The image id of the stage result with this key, if the executor still holds it.
+    async fn stage_image(&self, key: &StageKey) -> Option<String>;
+
+    /// Builds one stage. Log lines go to `logs` as they come.
+    async fn run_stage(
+        &self,
+        task: StageTask,
+        inputs: BuildInputs,
+        logs: tokio::sync::mpsc::UnboundedSender<StageLog>,
+        cancel: tokio_util::sync::CancellationToken,
+    ) -> Result<StageResult, StageError>;
+}

@@ -1,0 +1,324 @@
+//! Scheduler simulation: a simulated executor (sleeps instead of Docker) checks the
+//! scheduling rules alone — concurrency, slot limits, dependency order, failure and cancel.
+//! The real executor is tested against a real daemon in the worker crate and end to end.
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use coordinator::context::ContextManifest;
+use coordinator::frontend::parser::parse;
+use coordinator::frontend::plan::{plan, PlanOptions, Platform};
+use coordinator::keys::{compute_keys, StageKey, Unresolved};
+use coordinator::scheduler::{BuildError, BuildEvent, BuildRequest, PinnedImages, Scheduler};
+use coordinator::task::{
+    BuildInputs, ContextFiles, Executor, StageError, StageLog, StageResult, StageTask,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Sleeps `ms` per stage (by name), fails stages named `fail*`, records what overlapped.
+#[derive(Default)]
+struct SimulatedExecutor {
+    ms: BTreeMap<String, u64>,
+    running: Mutex<BTreeSet<usize>>,
+    max_parallel: Mutex<usize>,
+    started: Mutex<Vec<usize>>,
+    cleaned_up: Mutex<Vec<usize>>,
+    present: Mutex<BTreeSet<StageKey>>,
+}
+
+#[async_trait::async_trait]
+impl Executor for SimulatedExecutor {
+    fn name(&self) -> &str {
+        "sim"
+    }
+    async fn resolve_image(&self, r: &str, _: bool) -> Result<String, StageError> {
+        Ok(format!("sha256:{r}"))
+    }
+    async fn stage_image(&self, key: &StageKey) -> Option<String> {
+        self.present
+            .lock()
+            .unwrap()
+            .contains(key)
+            .then(|| format!("img-{key}"))
+    }
+    async fn run_stage(
+        &self,
+        task: StageTask,
+        _: BuildInputs,
+        logs: mpsc::UnboundedSender<StageLog>,
+        cancel: CancellationToken,
+    ) -> Result<StageResult, StageError> {
+        let name = task.display_name();
+        {
+            let mut r = self.running.lock().unwrap();
+            r.insert(task.stage);
+            let mut m = self.max_parallel.lock().unwrap();
+            *m = (*m).max(r.len());
+            self.started.lock().unwrap().push(task.stage);
+        }
+        let _ = logs.send(StageLog {
+            stage: task.stage,
+            line: format!("hello from {name}"),
+        });
+        let ms = self.ms.get(&name).copied().unwrap_or(50);
+        let outcome = tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(ms)) => {
+                if name.starts_with("fail") {
+                    Err(StageError { line: Some(1), log_tail: vec!["boom".into()], ..StageError::new("exit code 1") })
+                } else {
+                    self.present.lock().unwrap().insert(task.key);
+                    Ok(StageResult {
+                        stage: task.stage,
+                        key: task.key,
+                        image_id: format!("img-{}", task.key),
+                        executed: task.instructions.len(),
+                        reused: 0,
+                        duration: Duration::from_millis(ms),
+                        command_time: Duration::from_millis(ms),
+                    })
+                }
+            }
+            _ = cancel.cancelled() => Err(StageError::cancelled()),
+        };
+        self.running.lock().unwrap().remove(&task.stage);
+        self.cleaned_up.lock().unwrap().push(task.stage);
+        outcome
+    }
+}
+
+struct NoFiles;
+impl ContextFiles for NoFiles {
+    fn open(&self, p: &str) -> std::io::Result<Box<dyn std::io::Read + Send>> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            p.to_string(),
+        ))
+    }
+}
+
+fn request(src: &str, target: Option<&str>) -> BuildRequest {
+    let df = parse(src.as_bytes()).unwrap();
+    let p = plan(
+        &df,
+        &PlanOptions {
+            target: target.map(str::to_string),
+            build_args: BTreeMap::new(),
+            platform: Platform::host(),
+        },
+    )
+    .unwrap();
+    let keys = compute_keys(&p, &ContextManifest::default(), &Unresolved);
+    BuildRequest {
+        build_id: "sim".into(),
+        plan: Arc::new(p),
+        keys: Arc::new(keys),
+        pinned: PinnedImages::default(),
+        escape: '\\',
+        no_cache: false,
+    }
+}
+
+fn inputs() -> BuildInputs {
+    BuildInputs {
+        manifest: Arc::new(ContextManifest::default()),
+        context: Arc::new(NoFiles),
+        secrets: Arc::new(BTreeMap::new()),
+    }
+}
+
+async fn run(
+    exec: Arc<SimulatedExecutor>,
+    jobs: usize,
+    req: &BuildRequest,
+    cancel: CancellationToken,
+) -> (
+    Result<coordinator::scheduler::BuildOutcome, BuildError>,
+    Vec<BuildEvent>,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let r = Scheduler::new(exec, jobs)
+        .run(req, inputs(), tx, cancel)
+        .await;
+    let mut events = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        events.push(e);
+    }
+    (r, events)
+}
+
+const FANOUT: &str = "FROM alpine AS a\nRUN a\nFROM alpine AS b\nRUN b\nFROM alpine AS c\nRUN c\nFROM alpine AS d\nRUN d\nFROM alpine\nCOPY --from=a /a /a\nCOPY --from=b /b /b\nCOPY --from=c /c /c\nCOPY --from=d /d /d\n";
+
+#[tokio::test]
+async fn independent_stages_run_at_the_same_time() {
+    let exec = Arc::new(SimulatedExecutor {
+        ms: ["a", "b", "c", "d"]
+            .iter()
+            .map(|n| (n.to_string(), 200))
+            .collect(),
+        ..Default::default()
+    });
+    let req = request(FANOUT, None);
+    let t = Instant::now();
+    let (r, events) = run(Arc::clone(&exec), 8, &req, CancellationToken::new()).await;
+    let outcome = r.unwrap();
+    assert_eq!(*exec.max_parallel.lock().unwrap(), 4);
+    assert!(
+        t.elapsed() < Duration::from_millis(700),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(outcome.target, 4);
+    assert_eq!(
+        exec.started.lock().unwrap().last(),
+        Some(&4),
+        "the final stage waits for all"
+    );
+    // Every stage's log precedes its result, and the build ends with build_finished.
+    let pos = |f: &dyn Fn(&BuildEvent) -> bool| events.iter().position(f).unwrap();
+    let log0 = pos(&|e| matches!(e, BuildEvent::Log { stage: 0, .. }));
+    let fin0 = pos(&|e| matches!(e, BuildEvent::StageFinished { stage: 0, .. }));
+    assert!(log0 < fin0);
+    assert!(matches!(
+        events.last(),
+        Some(BuildEvent::BuildFinished {
+            ok: true,
+            stage: 4,
+            ..
+        })
+    ));
+}
+
+#[tokio::test]
+async fn slots_limit_parallelism() {
+    let exec = Arc::new(SimulatedExecutor::default());
+    let req = request(FANOUT, None);
+    let (r, _) = run(Arc::clone(&exec), 2, &req, CancellationToken::new()).await;
+    r.unwrap();
+    assert_eq!(*exec.max_parallel.lock().unwrap(), 2);
+}
+
+#[tokio::test]
+async fn only_stages_the_target_needs_are_built() {
+    let exec = Arc::new(SimulatedExecutor::default());
+    let src =
+        "FROM alpine AS base\nFROM base AS fail-unused\nRUN false\nFROM base AS app\nRUN ok\n";
+    let req = request(src, Some("app"));
+    let (r, _) = run(Arc::clone(&exec), 4, &req, CancellationToken::new()).await;
+    r.unwrap();
+    let started: BTreeSet<usize> = exec.started.lock().unwrap().iter().copied().collect();
+    assert_eq!(started, BTreeSet::from([0, 2]));
+}
+
+#[tokio::test]
+async fn critical_path_goes_first() {
+    // With one slot, the stage that heads the longest chain starts before the short one.
+    let src = "FROM alpine AS short\nRUN s\nFROM alpine AS long1\nRUN l\nFROM long1 AS long2\nRUN l\nFROM long2\nCOPY --from=short /s /s\n";
+    let exec = Arc::new(SimulatedExecutor::default());
+    let (r, _) = run(
+        Arc::clone(&exec),
+        1,
+        &request(src, None),
+        CancellationToken::new(),
+    )
+    .await;
+    r.unwrap();
+    assert_eq!(exec.started.lock().unwrap()[0], 1);
+}
+
+#[tokio::test]
+async fn first_failure_cancels_the_running_stages() {
+    let src = "FROM alpine AS fail-fast\nRUN x\nFROM alpine AS slow\nRUN y\nFROM alpine\nCOPY --from=fail-fast /a /a\nCOPY --from=slow /b /b\n";
+    let exec = Arc::new(SimulatedExecutor {
+        ms: BTreeMap::from([("fail-fast".into(), 50), ("slow".into(), 10_000)]),
+        ..Default::default()
+    });
+    let t = Instant::now();
+    let (r, events) = run(
+        Arc::clone(&exec),
+        4,
+        &request(src, None),
+        CancellationToken::new(),
+    )
+    .await;
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "slow stage was not cancelled"
+    );
+    match r {
+        Err(BuildError::Stage { name, error, .. }) => {
+            assert_eq!(name, "fail-fast");
+            assert_eq!(error.log_tail, vec!["boom"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        exec.cleaned_up.lock().unwrap().len(),
+        2,
+        "every started stage cleaned up"
+    );
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, BuildEvent::StageFailed { stage: 0, .. })));
+    assert!(
+        !exec.started.lock().unwrap().contains(&2),
+        "the final stage never started"
+    );
+    assert!(matches!(
+        events.last(),
+        Some(BuildEvent::BuildFinished { ok: false, .. })
+    ));
+}
+
+#[tokio::test]
+async fn cancel_stops_everything_and_waits_for_cleanup() {
+    let exec = Arc::new(SimulatedExecutor {
+        ms: ["a", "b", "c", "d"]
+            .iter()
+            .map(|n| (n.to_string(), 10_000))
+            .collect(),
+        ..Default::default()
+    });
+    let cancel = CancellationToken::new();
+    let c2 = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c2.cancel();
+    });
+    let (r, _) = run(Arc::clone(&exec), 8, &request(FANOUT, None), cancel).await;
+    assert!(matches!(r, Err(BuildError::Cancelled)), "{r:?}");
+    assert_eq!(exec.cleaned_up.lock().unwrap().len(), 4);
+    assert!(exec.running.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn stages_already_built_are_cached() {
+    let exec = Arc::new(SimulatedExecutor::default());
+    let req = request(FANOUT, None);
+    run(Arc::clone(&exec), 4, &req, CancellationToken::new())
+        .await
+        .0
+        .unwrap();
+    exec.started.lock().unwrap().clear();
+    let (r, events) = run(Arc::clone(&exec), 4, &req, CancellationToken::new()).await;
+    let outcome = r.unwrap();
+    assert!(exec.started.lock().unwrap().is_empty());
+    assert_eq!(outcome.cached.len(), 5);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, BuildEvent::StageCached { .. }))
+            .count(),
+        5
+    );
+    // --no-cache runs everything again.
+    let no_cache = BuildRequest {
+        no_cache: true,
+        ..req
+    };
+    run(Arc::clone(&exec), 4, &no_cache, CancellationToken::new())
+        .await
+        .0
+        .unwrap();
+    assert_eq!(exec.started.lock().unwrap().len(), 5);
+}
