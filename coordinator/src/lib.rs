@@ -5,4 +5,5 @@ pub mod digest;
 pub mod frontend;
 pub mod keys;
 pub mod scheduler;
+pub mod store;
 pub mod task;

@@ -1,0 +1,73 @@
+//! The cache store: a small metadata index ([`Store`], sled behind a trait) and blobs as
+//! files named by their blake3 digest ([`BlobStore`]). Only the coordinator opens it.
+mod blobs;
+mod sled_store;
+
+pub use blobs::{BlobStore, BlobWriter};
+pub use sled_store::SledStore;
+
+/// A metadata tree of the index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tree {
+    /// Stage key → stage record.
+    Stages,
+    /// Blob digest → blob record (size, last use).
+    Blobs,
+    /// Schema version and counters.
+    Meta,
+}
+
+impl Tree {
+    pub fn name(self) -> &'static str {
+        match self {
+            Tree::Stages => "stages",
+            Tree::Blobs => "blobs",
+            Tree::Meta => "meta",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("index {path}: {message}")]
+    Index {
+        path: std::path::PathBuf,
+        message: String,
+    },
+    #[error("blob {digest}: {source}")]
+    BlobIo {
+        digest: String,
+        source: std::io::Error,
+    },
+    #[error("blob store {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// The bytes did not hash to the name they were stored or sent under.
+    #[error("blob {expected} is corrupt: its content hashes to {actual}")]
+    Corrupt { expected: String, actual: String },
+    #[error("blob {0} is not in the store")]
+    Missing(String),
+}
+
+/// The index: small metadata only, never blob bytes. One file per backend implements it,
+/// so swapping sled is one file.
+pub trait Store: Send + Sync {
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    fn put(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+    /// Sets `key` to `new` only if it currently holds `old` (`None` = absent); on a
+    /// mismatch returns the current value as `Err`.
+    fn compare_and_swap(
+        &self,
+        tree: Tree,
+        key: &[u8],
+        old: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<Result<(), Option<Vec<u8>>>, StoreError>;
+    fn scan_prefix(&self, tree: Tree, prefix: &[u8])
+        -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn remove(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Makes every earlier write durable.
+    fn flush(&self) -> Result<(), StoreError>;
+}
