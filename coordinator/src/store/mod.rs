@@ -51,6 +51,9 @@ pub enum StoreError {
     Missing(String),
 }
 
+/// Key/value pairs returned by a prefix scan, in key order.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// The index: small metadata only, never blob bytes. One file per backend implements it,
 /// so swapping sled is one file.
 pub trait Store: Send + Sync {
@@ -65,8 +68,7 @@ pub trait Store: Send + Sync {
         old: Option<&[u8]>,
         new: Option<&[u8]>,
     ) -> Result<Result<(), Option<Vec<u8>>>, StoreError>;
-    fn scan_prefix(&self, tree: Tree, prefix: &[u8])
-        -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Entries, StoreError>;
     fn remove(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Makes every earlier write durable.
     fn flush(&self) -> Result<(), StoreError>;

@@ -1,7 +1,7 @@
 //! [`Store`] on sled 0.34 (beta by its own account: the index is kept rebuildable).
 use std::path::{Path, PathBuf};
 
-use super::{Store, StoreError, Tree};
+use super::{Entries, Store, StoreError, Tree};
 
 /// Bumped when the meaning of what the trees hold changes.
 const SCHEMA_VERSION: &[u8] = b"1";
@@ -109,11 +109,7 @@ impl Store for SledStore {
         Ok(r.map_err(|e| e.current.map(|v| v.to_vec())))
     }
 
-    fn scan_prefix(
-        &self,
-        tree: Tree,
-        prefix: &[u8],
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Entries, StoreError> {
         self.tree(tree)?
             .scan_prefix(prefix)
             .map(|r| {
