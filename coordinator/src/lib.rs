@@ -5,5 +5,6 @@ pub mod digest;
 pub mod frontend;
 pub mod keys;
 pub mod scheduler;
+pub mod service;
 pub mod store;
 pub mod task;
