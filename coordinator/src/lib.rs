@@ -4,6 +4,7 @@ pub mod context;
 pub mod digest;
 pub mod frontend;
 pub mod keys;
+pub mod pool;
 pub mod scheduler;
 pub mod service;
 pub mod store;

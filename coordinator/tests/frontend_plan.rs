@@ -370,3 +370,22 @@ fn large_real_world_shaped_dockerfile() {
         StageRef::Stage(index("alpine-arm64"))
     );
 }
+
+#[test]
+fn syntax_directive_names_only_the_standard_frontend() {
+    for ok in [
+        "docker/dockerfile:1",
+        "docker/dockerfile:1.7-labs",
+        "docker.io/docker/dockerfile:1",
+        "docker/dockerfile-upstream:master",
+        "docker/dockerfile@sha256:abc",
+    ] {
+        plan_of(&format!("# syntax={ok}\nFROM alpine\n"), &opts(None, &[])).unwrap();
+    }
+    let e = err(
+        "# syntax=example.com/my/frontend:1\nFROM alpine\n",
+        &opts(None, &[]),
+    );
+    assert_eq!(e.line, Some(1));
+    assert!(e.message.contains("example.com/my/frontend:1"), "{e}");
+}

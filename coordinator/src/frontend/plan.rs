@@ -129,6 +129,8 @@ impl Stage {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
     pub stages: Vec<Stage>,
+    /// The Dockerfile's escape character (ONBUILD triggers are parsed with it).
+    pub escape: char,
     pub target: usize,
     /// `built[i]`: stage `i` is reachable from the target.
     pub built: Vec<bool>,
@@ -183,8 +185,30 @@ fn default_args(platform: &Platform, target: &str) -> BTreeMap<String, String> {
     m
 }
 
+/// `# syntax=` may only name the standard Dockerfile frontend, which dbuild implements
+/// itself (any tag or digest of `docker/dockerfile` or `docker/dockerfile-upstream`).
+pub fn check_syntax(syntax: &str) -> Result<(), String> {
+    let name = syntax.split('@').next().unwrap_or(syntax);
+    let repo = match name.rsplit_once(':') {
+        Some((r, tag)) if !tag.contains('/') => r,
+        _ => name,
+    };
+    let repo = repo
+        .trim_start_matches("docker.io/")
+        .trim_start_matches("index.docker.io/");
+    if matches!(repo, "docker/dockerfile" | "docker/dockerfile-upstream") {
+        return Ok(());
+    }
+    Err(format!(
+        "`# syntax={syntax}` names another frontend; dbuild implements only the standard Dockerfile syntax (docker/dockerfile): remove the directive, or build this file with docker buildx"
+    ))
+}
+
 /// Plans a parsed Dockerfile.
 pub fn plan(df: &Dockerfile, opts: &PlanOptions) -> Result<Plan, PlanError> {
+    if let Some(s) = &df.directives.syntax {
+        check_syntax(s).map_err(|m| at(1, m))?;
+    }
     let lexer = Lexer::new(df.directives.escape);
     // Split into meta ARGs and stages.
     let mut meta: Vec<&Node> = Vec::new();
@@ -403,6 +427,7 @@ pub fn plan(df: &Dockerfile, opts: &PlanOptions) -> Result<Plan, PlanError> {
     }
     Ok(Plan {
         stages,
+        escape: df.directives.escape,
         target,
         built,
         syntax: df.directives.syntax.clone(),

@@ -1,0 +1,505 @@
+//! The worker pool: registered workers, their slots and leases, and the [`Executor`] that
+//! places each stage task on a worker — a free one that already holds the stage's inputs
+//! first. The scheduler drives it exactly as it drives the local executor.
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::keys::StageKey;
+use crate::task::{
+    BuildInputs, Executor, StageError, StageLog, StageResult, StageTask, TaskBase, TaskSource,
+};
+
+/// How often workers heartbeat, and how long a silent worker keeps its stages.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+pub const LEASE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a finished stage must leave in the blob store for the stages that consume it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Export {
+    /// The whole image (FROM consumers, the target).
+    pub image: bool,
+    /// Paths of its filesystem (COPY --from / RUN --mount from= consumers).
+    pub paths: BTreeSet<String>,
+}
+
+/// An artifact of a stage in the blob store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Artifact {
+    pub stage_key: StageKey,
+    /// Empty for the image.
+    pub path: String,
+    pub digest: String,
+    pub size: u64,
+}
+
+/// A task handed to a worker: the stage plus what to import first and export after.
+#[derive(Clone)]
+pub struct Assignment {
+    pub task_id: String,
+    pub task: StageTask,
+    pub export: Export,
+    pub imports: Vec<Artifact>,
+    pub inputs: BuildInputs,
+}
+
+/// How a worker finished a task.
+#[derive(Debug)]
+pub struct Report {
+    pub outcome: Result<StageResult, StageError>,
+    pub artifacts: Vec<Artifact>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerStatus {
+    pub name: String,
+    pub address: String,
+    pub slots: usize,
+    pub running: usize,
+    pub state: &'static str,
+}
+
+struct Worker {
+    name: String,
+    address: String,
+    slots: usize,
+    running: BTreeSet<String>,
+    last_seen: Instant,
+    /// Where assignments go (the worker's open `Tasks` stream).
+    queue: Option<mpsc::UnboundedSender<Assignment>>,
+    /// Stage keys whose images the worker's daemon holds.
+    holds: BTreeSet<StageKey>,
+}
+
+impl Worker {
+    fn alive(&self) -> bool {
+        self.queue.is_some() && self.last_seen.elapsed() < LEASE_TIMEOUT
+    }
+}
+
+struct Running {
+    worker: String,
+    reply: oneshot::Sender<Report>,
+    logs: mpsc::UnboundedSender<StageLog>,
+    stage: usize,
+    cancelled: bool,
+}
+
+#[derive(Default)]
+struct State {
+    workers: BTreeMap<String, Worker>,
+    running: BTreeMap<String, Running>,
+    /// Per stage key: the image and path artifacts in the blob store.
+    artifacts: BTreeMap<StageKey, Vec<Artifact>>,
+    /// Per build: what each stage must export.
+    exports: BTreeMap<String, BTreeMap<usize, Export>>,
+    next_task: u64,
+}
+
+/// Registered workers and the tasks they run.
+#[derive(Default)]
+pub struct WorkerPool {
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+impl WorkerPool {
+    pub fn new() -> Arc<Self> {
+        Arc::new(WorkerPool::default())
+    }
+
+    /// Registers (or re-registers) a worker; its id is its name.
+    pub fn register(
+        &self,
+        name: &str,
+        address: &str,
+        slots: usize,
+        holds: Vec<StageKey>,
+    ) -> String {
+        let mut st = self.state.lock().unwrap();
+        let w = st
+            .workers
+            .entry(name.to_string())
+            .or_insert_with(|| Worker {
+                name: name.to_string(),
+                address: address.to_string(),
+                slots,
+                running: BTreeSet::new(),
+                last_seen: Instant::now(),
+                queue: None,
+                holds: BTreeSet::new(),
+            });
+        w.address = address.to_string();
+        w.slots = slots.max(1);
+        w.last_seen = Instant::now();
+        w.holds.extend(holds);
+        drop(st);
+        self.changed.notify_waiters();
+        name.to_string()
+    }
+
+    /// Opens the worker's assignment queue (its `Tasks` stream).
+    pub fn attach(&self, worker: &str) -> Option<mpsc::UnboundedReceiver<Assignment>> {
+        let mut st = self.state.lock().unwrap();
+        let w = st.workers.get_mut(worker)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        w.queue = Some(tx);
+        w.last_seen = Instant::now();
+        drop(st);
+        self.changed.notify_waiters();
+        Some(rx)
+    }
+
+    /// Renews the worker's lease; returns the task ids it should stop.
+    pub fn heartbeat(&self, worker: &str) -> Option<Vec<String>> {
+        let mut st = self.state.lock().unwrap();
+        st.workers.get_mut(worker)?.last_seen = Instant::now();
+        Some(
+            st.running
+                .iter()
+                .filter(|(_, r)| r.worker == worker && r.cancelled)
+                .map(|(id, _)| id.clone())
+                .collect(),
+        )
+    }
+
+    /// A log line from a worker for one of its tasks.
+    pub fn log(&self, worker: &str, task_id: &str, line: String) {
+        let st = self.state.lock().unwrap();
+        if let Some(r) = st.running.get(task_id).filter(|r| r.worker == worker) {
+            let _ = r.logs.send(StageLog {
+                stage: r.stage,
+                line,
+            });
+        }
+    }
+
+    /// A worker's result. Refused (false) when the task is not, or no longer, that worker's.
+    pub fn report(&self, worker: &str, task_id: &str, report: Report) -> bool {
+        let mut st = self.state.lock().unwrap();
+        match st.running.get(task_id) {
+            Some(r) if r.worker == worker => {}
+            _ => return false,
+        }
+        let r = st.running.remove(task_id).expect("checked");
+        if let Some(w) = st.workers.get_mut(worker) {
+            w.running.remove(task_id);
+            if let Ok(res) = &report.outcome {
+                w.holds.insert(res.key);
+            }
+        }
+        for a in &report.artifacts {
+            let list = st.artifacts.entry(a.stage_key).or_default();
+            if !list.contains(a) {
+                list.push(a.clone());
+            }
+        }
+        let _ = r.reply.send(report);
+        drop(st);
+        self.changed.notify_waiters();
+        true
+    }
+
+    /// What each stage of a build must export (set before the build runs).
+    pub fn set_exports(&self, build_id: &str, exports: BTreeMap<usize, Export>) {
+        self.state
+            .lock()
+            .unwrap()
+            .exports
+            .insert(build_id.to_string(), exports);
+    }
+
+    /// The artifacts of a stage in the blob store (the image has an empty path).
+    pub fn artifacts_of(&self, key: &StageKey) -> Vec<Artifact> {
+        self.state
+            .lock()
+            .unwrap()
+            .artifacts
+            .get(key)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn forget_build(&self, build_id: &str) {
+        self.state.lock().unwrap().exports.remove(build_id);
+    }
+
+    pub fn workers(&self) -> Vec<WorkerStatus> {
+        let st = self.state.lock().unwrap();
+        st.workers
+            .values()
+            .map(|w| WorkerStatus {
+                name: w.name.clone(),
+                address: w.address.clone(),
+                slots: w.slots,
+                running: w.running.len(),
+                state: if !w.alive() {
+                    "lost"
+                } else if w.running.len() >= w.slots {
+                    "busy"
+                } else {
+                    "ready"
+                },
+            })
+            .collect()
+    }
+
+    /// Total slots of the live workers.
+    pub fn slots(&self) -> usize {
+        let st = self.state.lock().unwrap();
+        st.workers
+            .values()
+            .filter(|w| w.alive())
+            .map(|w| w.slots)
+            .sum()
+    }
+
+    /// Fails the tasks of workers whose lease ran out, so the scheduler can place them again.
+    pub fn expire_leases(&self) {
+        let mut st = self.state.lock().unwrap();
+        let lost: Vec<String> = st
+            .workers
+            .values()
+            .filter(|w| w.queue.is_some() && w.last_seen.elapsed() >= LEASE_TIMEOUT)
+            .map(|w| w.name.clone())
+            .collect();
+        for name in &lost {
+            tracing::warn!(worker = %name, "worker lease expired; its stages will be placed again");
+            let w = st.workers.get_mut(name).expect("listed");
+            w.queue = None;
+            let tasks: Vec<String> = std::mem::take(&mut w.running).into_iter().collect();
+            for t in tasks {
+                if let Some(r) = st.running.remove(&t) {
+                    let _ = r.reply.send(Report {
+                        outcome: Err(StageError::new(format!("worker {name} stopped answering"))),
+                        artifacts: Vec::new(),
+                    });
+                }
+            }
+        }
+        if !lost.is_empty() {
+            drop(st);
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// The stage keys a task reads from other stages.
+    fn inputs_of(task: &StageTask) -> Vec<StageKey> {
+        let mut keys = Vec::new();
+        if let TaskBase::Stage { key, .. } = &task.base {
+            keys.push(*key);
+        }
+        for ti in &task.instructions {
+            for s in ti.copy_from.iter().chain(ti.mount_from.iter().flatten()) {
+                if let TaskSource::Stage { key, .. } = s {
+                    keys.push(*key);
+                }
+            }
+        }
+        keys
+    }
+
+    /// Picks a live worker with a free slot, preferring the one holding most inputs.
+    fn place(
+        &self,
+        task: &StageTask,
+    ) -> Option<(String, mpsc::UnboundedSender<Assignment>, Vec<Artifact>)> {
+        let st = self.state.lock().unwrap();
+        let inputs = Self::inputs_of(task);
+        let best = st
+            .workers
+            .values()
+            .filter(|w| w.alive() && w.running.len() < w.slots)
+            .max_by_key(|w| {
+                let held = inputs.iter().filter(|k| w.holds.contains(k)).count();
+                (
+                    held,
+                    std::cmp::Reverse(w.running.len()),
+                    std::cmp::Reverse(w.name.clone()),
+                )
+            })?;
+        let imports = inputs
+            .iter()
+            .filter(|k| !best.holds.contains(k))
+            .flat_map(|k| st.artifacts.get(k).cloned().unwrap_or_default())
+            .collect();
+        Some((best.name.clone(), best.queue.clone()?, imports))
+    }
+}
+
+#[async_trait::async_trait]
+impl Executor for WorkerPool {
+    fn name(&self) -> &str {
+        "farm"
+    }
+
+    async fn resolve_image(&self, reference: &str, _pull: bool) -> Result<String, StageError> {
+        // Workers pin images on their own daemons; the coordinator never talks to Docker.
+        Ok(reference.to_string())
+    }
+
+    async fn stage_image(&self, _key: &StageKey) -> Option<String> {
+        None
+    }
+
+    async fn run_stage(
+        &self,
+        task: StageTask,
+        inputs: BuildInputs,
+        logs: mpsc::UnboundedSender<StageLog>,
+        cancel: CancellationToken,
+    ) -> Result<StageResult, StageError> {
+        loop {
+            // Wait for a free slot (a worker registering, finishing, or being lost).
+            let placed = loop {
+                let changed = self.changed.notified();
+                self.expire_leases();
+                if let Some(p) = self.place(&task) {
+                    break p;
+                }
+                tokio::select! {
+                    _ = changed => {}
+                    _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
+                    _ = cancel.cancelled() => return Err(StageError::cancelled()),
+                }
+            };
+            let (worker, queue, imports) = placed;
+            let (reply_tx, reply_rx) = oneshot::channel();
+            let task_id = {
+                let mut st = self.state.lock().unwrap();
+                st.next_task += 1;
+                let id = format!("{}-{}-{}", task.build_id, task.stage, st.next_task);
+                st.running.insert(
+                    id.clone(),
+                    Running {
+                        worker: worker.clone(),
+                        reply: reply_tx,
+                        logs: logs.clone(),
+                        stage: task.stage,
+                        cancelled: false,
+                    },
+                );
+                st.workers
+                    .get_mut(&worker)
+                    .expect("placed on a known worker")
+                    .running
+                    .insert(id.clone());
+                id
+            };
+            let export = self
+                .state
+                .lock()
+                .unwrap()
+                .exports
+                .get(&task.build_id)
+                .and_then(|e| e.get(&task.stage).cloned())
+                .unwrap_or_default();
+            let _ = logs.send(StageLog {
+                stage: task.stage,
+                line: format!("placed on worker {worker}"),
+            });
+            if queue
+                .send(Assignment {
+                    task_id: task_id.clone(),
+                    task: task.clone(),
+                    export,
+                    imports,
+                    inputs: inputs.clone(),
+                })
+                .is_err()
+            {
+                self.drop_task(&task_id, &worker);
+                continue;
+            }
+            let reply_rx = reply_rx;
+            tokio::pin!(reply_rx);
+            let report = tokio::select! {
+                r = &mut reply_rx => r,
+                _ = cancel.cancelled() => {
+                    // The worker learns of the cancel on its next heartbeat; wait for it to
+                    // clean up and report, but not for ever.
+                    if let Some(r) = self.state.lock().unwrap().running.get_mut(&task_id) {
+                        r.cancelled = true;
+                    }
+                    match tokio::time::timeout(LEASE_TIMEOUT * 2, &mut reply_rx).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            self.drop_task(&task_id, &worker);
+                            return Err(StageError::cancelled());
+                        }
+                    }
+                }
+            };
+            match report {
+                Ok(Report { outcome, .. }) => match outcome {
+                    Err(e) if e.message.contains("stopped answering") && !cancel.is_cancelled() => {
+                        let _ = logs.send(StageLog {
+                            stage: task.stage,
+                            line: format!("{}; placing the stage again", e.message),
+                        });
+                        continue;
+                    }
+                    other => return other,
+                },
+                Err(_) => continue,
+            }
+        }
+    }
+}
+
+impl WorkerPool {
+    fn drop_task(&self, task_id: &str, worker: &str) {
+        let mut st = self.state.lock().unwrap();
+        st.running.remove(task_id);
+        if let Some(w) = st.workers.get_mut(worker) {
+            w.running.remove(task_id);
+        }
+    }
+}
+
+/// What every stage of a plan must export for its consumers on other workers: the image
+/// for FROM consumers and the target, the copied paths for COPY --from and mount from=
+/// consumers (the image when a path has wildcards).
+pub fn exports(plan: &crate::frontend::plan::Plan) -> BTreeMap<usize, Export> {
+    use crate::frontend::instructions::Instruction;
+    use crate::frontend::plan::StageRef;
+    let mut out: BTreeMap<usize, Export> = BTreeMap::new();
+    out.entry(plan.target).or_default().image = true;
+    for s in plan.stages.iter().filter(|s| plan.built[s.index]) {
+        if let StageRef::Stage(p) = s.base {
+            out.entry(p).or_default().image = true;
+        }
+        for pi in &s.instructions {
+            if let (Some(StageRef::Stage(src)), Instruction::Copy(c)) =
+                (&pi.copy_from, &pi.instruction)
+            {
+                let e = out.entry(*src).or_default();
+                for p in &c.sources {
+                    if p.contains(['*', '?', '[', '$']) {
+                        e.image = true;
+                    } else {
+                        e.paths.insert(absolute(p));
+                    }
+                }
+            }
+            if let Instruction::Run(r) = &pi.instruction {
+                for (m, from) in r.mounts.iter().zip(&pi.mount_from) {
+                    if let Some(StageRef::Stage(src)) = from {
+                        let p = m.source.clone().unwrap_or_else(|| "/".into());
+                        out.entry(*src).or_default().paths.insert(absolute(&p));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn absolute(p: &str) -> String {
+    let clean = crate::keys::clean_source(p);
+    format!("/{clean}")
+}

@@ -1,0 +1,253 @@
+//! `BuildService`: a client submits a build (Dockerfile, context manifest, options) after
+//! uploading the context blobs the store lacked; the coordinator plans it itself, keys it,
+//! and runs it on the worker pool with the same scheduler as the one-machine build.
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use futures::Stream;
+use proto::v1::build_service_server::BuildService;
+use proto::v1::{
+    BuildEvent as PbEvent, CancelRequest, CancelResponse, ListWorkersRequest, ListWorkersResponse,
+    SubmitRequest, WorkerInfo,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::workers::from_document;
+use crate::context::{ContextManifest, EntryKind};
+use crate::frontend::parser;
+use crate::frontend::plan::{plan, PlanOptions, Platform};
+use crate::keys::{compute_keys, Unresolved};
+use crate::pool::{exports, WorkerPool};
+use crate::scheduler::{BuildRequest, PinnedImages, Scheduler};
+use crate::store::BlobStore;
+use crate::task::{BuildInputs, ContextFiles};
+
+pub struct BuildServer {
+    pool: Arc<WorkerPool>,
+    blobs: BlobStore,
+    builds: Arc<Mutex<BTreeMap<String, CancellationToken>>>,
+}
+
+impl BuildServer {
+    pub fn new(pool: Arc<WorkerPool>, blobs: BlobStore) -> Self {
+        BuildServer {
+            pool,
+            blobs,
+            builds: Arc::default(),
+        }
+    }
+}
+
+/// Context files from the coordinator's blob store (for executors in this process).
+struct StoredContext {
+    blobs: BlobStore,
+    manifest: Arc<ContextManifest>,
+}
+
+impl ContextFiles for StoredContext {
+    fn open(&self, path: &str) -> std::io::Result<Box<dyn std::io::Read + Send>> {
+        let digest = self
+            .manifest
+            .get(path)
+            .and_then(|e| e.digest())
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, path.to_string()))?;
+        let bytes = self
+            .blobs
+            .read(&digest)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(Box::new(std::io::Cursor::new(bytes)))
+    }
+}
+
+fn event(build_id: &str, json: serde_json::Value) -> PbEvent {
+    PbEvent {
+        build_id: build_id.to_string(),
+        json: serde_json::to_vec(&json).expect("json"),
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<PbEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl BuildService for BuildServer {
+    type SubmitStream = EventStream;
+
+    async fn submit(
+        &self,
+        req: Request<SubmitRequest>,
+    ) -> Result<Response<Self::SubmitStream>, Status> {
+        let r = req.into_inner();
+        let file = if r.dockerfile_path.is_empty() {
+            "Dockerfile".to_string()
+        } else {
+            r.dockerfile_path.clone()
+        };
+        let df = parser::parse(&r.dockerfile)
+            .map_err(|e| Status::invalid_argument(format!("{file}:{}: {}", e.line, e.message)))?;
+        let platform = match r.platform.split('/').collect::<Vec<_>>().as_slice() {
+            [os, arch] => Platform {
+                os: os.to_string(),
+                arch: arch.to_string(),
+                variant: None,
+            },
+            [os, arch, v] => Platform {
+                os: os.to_string(),
+                arch: arch.to_string(),
+                variant: Some(v.to_string()),
+            },
+            _ => Platform::host(),
+        };
+        let plan = plan(
+            &df,
+            &PlanOptions {
+                target: r.target.clone(),
+                build_args: r.build_args.clone().into_iter().collect(),
+                platform,
+            },
+        )
+        .map_err(|e| {
+            Status::invalid_argument(match e.line {
+                Some(l) => format!("{file}:{l}: {}", e.message),
+                None => format!("{file}: {}", e.message),
+            })
+        })?;
+        let manifest: ContextManifest = from_document("ContextManifest/1", r.manifest.as_ref())?;
+        // Keys are derived here from content the store can verify; never from the client.
+        let keys = compute_keys(&plan, &manifest, &Unresolved);
+        let missing: Vec<&str> = keys
+            .iter()
+            .filter(|k| plan.built[k.index])
+            .flat_map(|k| k.context_files.iter())
+            .filter(|p| match manifest.get(p).map(|e| &e.kind) {
+                Some(EntryKind::File { digest, .. }) => !self.blobs.contains(digest),
+                _ => false,
+            })
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "{} context files were not uploaded (first: {}): upload the blobs MissingBlobs reports, then submit",
+                missing.len(),
+                missing[0]
+            )));
+        }
+        let target_key = keys[plan.target].key;
+        let build_id = format!(
+            "b{}-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0),
+            &target_key.to_hex()[..12]
+        );
+        let plan = Arc::new(plan);
+        self.pool.set_exports(&build_id, exports(&plan));
+        let manifest = Arc::new(manifest);
+        let inputs = BuildInputs {
+            manifest: Arc::clone(&manifest),
+            context: Arc::new(StoredContext {
+                blobs: self.blobs.clone(),
+                manifest,
+            }),
+            secrets: Arc::new(r.secrets.clone().into_iter().collect()),
+        };
+        let request = BuildRequest {
+            build_id: build_id.clone(),
+            escape: plan.escape,
+            plan,
+            keys: Arc::new(keys),
+            pinned: PinnedImages::default(),
+            no_cache: r.no_cache,
+        };
+        let cancel = CancellationToken::new();
+        self.builds
+            .lock()
+            .unwrap()
+            .insert(build_id.clone(), cancel.clone());
+        let (out_tx, out_rx) = mpsc::channel(256);
+        let pool = Arc::clone(&self.pool);
+        let builds = Arc::clone(&self.builds);
+        tokio::spawn(async move {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let forward_tx = out_tx.clone();
+            let id = build_id.clone();
+            let forward = tokio::spawn(async move {
+                while let Some(e) = rx.recv().await {
+                    let json = serde_json::to_value(&e).expect("events serialize");
+                    if forward_tx.send(Ok(event(&id, json))).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            // The pool waits for free slots itself; the scheduler only orders the work.
+            let scheduler = Scheduler::new(Arc::clone(&pool) as _, 1024);
+            let result = scheduler.run(&request, inputs, tx, cancel).await;
+            let _ = forward.await;
+            if let Ok(outcome) = result {
+                if let Some(img) = pool
+                    .artifacts_of(&outcome.target_key)
+                    .into_iter()
+                    .find(|a| a.path.is_empty())
+                {
+                    let _ = out_tx
+                        .send(Ok(event(
+                            &build_id,
+                            serde_json::json!({
+                                "event": "target_image",
+                                "stage": outcome.target,
+                                "key": outcome.target_key.to_hex(),
+                                "digest": img.digest,
+                                "size": img.size,
+                            }),
+                        )))
+                        .await;
+                }
+            }
+            pool.forget_build(&build_id);
+            builds.lock().unwrap().remove(&build_id);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<CancelRequest>,
+    ) -> Result<Response<CancelResponse>, Status> {
+        let token = self
+            .builds
+            .lock()
+            .unwrap()
+            .get(&req.get_ref().build_id)
+            .cloned();
+        if let Some(t) = &token {
+            t.cancel();
+        }
+        Ok(Response::new(CancelResponse {
+            found: token.is_some(),
+        }))
+    }
+
+    async fn list_workers(
+        &self,
+        _: Request<ListWorkersRequest>,
+    ) -> Result<Response<ListWorkersResponse>, Status> {
+        let workers = self
+            .pool
+            .workers()
+            .into_iter()
+            .map(|w| WorkerInfo {
+                name: w.name,
+                address: w.address,
+                slots: w.slots as u32,
+                running: w.running as u32,
+                state: w.state.to_string(),
+                last_heartbeat_unix_ms: 0,
+            })
+            .collect();
+        Ok(Response::new(ListWorkersResponse { workers }))
+    }
+}

@@ -1,0 +1,185 @@
+//! `WorkerService`: workers register, renew their leases, receive stage tasks, stream
+//! logs and report results. Only a worker that was given a task may report on it.
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use proto::v1::worker_service_server::WorkerService;
+use proto::v1::{
+    task_report, ArtifactBlob, Document, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
+    RegisterResponse, StreamLogsResponse, TaskAssignment, TaskLog, TaskReport, TaskReportResponse,
+    TasksRequest,
+};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::content::{parse_digest, pb_digest};
+use crate::keys::StageKey;
+use crate::pool::{Artifact, Assignment, Report, WorkerPool, HEARTBEAT_INTERVAL, LEASE_TIMEOUT};
+use crate::task::{StageError, StageResult};
+
+pub struct WorkerServer {
+    pool: Arc<WorkerPool>,
+}
+
+impl WorkerServer {
+    pub fn new(pool: Arc<WorkerPool>) -> Self {
+        WorkerServer { pool }
+    }
+}
+
+/// Serializes a domain value as a versioned JSON document.
+pub fn document<T: serde::Serialize>(kind: &str, value: &T) -> Document {
+    Document {
+        kind: kind.to_string(),
+        json: serde_json::to_vec(value).expect("domain types serialize"),
+    }
+}
+
+/// Reads a document of the expected kind.
+pub fn from_document<T: serde::de::DeserializeOwned>(
+    kind: &str,
+    doc: Option<&Document>,
+) -> Result<T, Status> {
+    let doc = doc.ok_or_else(|| Status::invalid_argument(format!("missing {kind}")))?;
+    if doc.kind != kind {
+        return Err(Status::invalid_argument(format!(
+            "expected a {kind} document, got {}",
+            doc.kind
+        )));
+    }
+    serde_json::from_slice(&doc.json)
+        .map_err(|e| Status::invalid_argument(format!("bad {kind} document: {e}")))
+}
+
+pub fn pb_artifact(a: &Artifact) -> ArtifactBlob {
+    ArtifactBlob {
+        stage_key: a.stage_key.to_hex(),
+        path: a.path.clone(),
+        digest: crate::digest::BlobDigest::from_hex(&a.digest).map(|d| pb_digest(&d)),
+        size: a.size,
+    }
+}
+
+pub fn artifact(a: &ArtifactBlob) -> Result<Artifact, Status> {
+    Ok(Artifact {
+        stage_key: StageKey::from_hex(&a.stage_key)
+            .ok_or_else(|| Status::invalid_argument("bad stage key"))?,
+        path: a.path.clone(),
+        digest: parse_digest(a.digest.as_ref())?.to_hex(),
+        size: a.size,
+    })
+}
+
+fn assignment_message(a: Assignment) -> TaskAssignment {
+    TaskAssignment {
+        task_id: a.task_id,
+        task: Some(document("StageTask/1", &a.task)),
+        export_image: a.export.image,
+        export_paths: a.export.paths.into_iter().collect(),
+        imports: a.imports.iter().map(pb_artifact).collect(),
+        secrets: a
+            .inputs
+            .secrets
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        manifest: Some(document("ContextManifest/1", &*a.inputs.manifest)),
+    }
+}
+
+type TaskStream = Pin<Box<dyn Stream<Item = Result<TaskAssignment, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl WorkerService for WorkerServer {
+    async fn register(
+        &self,
+        req: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let r = req.into_inner();
+        if r.name.is_empty() {
+            return Err(Status::invalid_argument("a worker needs a name (--name)"));
+        }
+        let holds = r
+            .held_stage_keys
+            .iter()
+            .filter_map(|k| StageKey::from_hex(k))
+            .collect();
+        let id = self
+            .pool
+            .register(&r.name, &r.address, r.slots.max(1) as usize, holds);
+        tracing::info!(worker = %r.name, slots = r.slots, "worker registered");
+        Ok(Response::new(RegisterResponse {
+            worker_id: id,
+            heartbeat_interval_ms: HEARTBEAT_INTERVAL.as_millis() as u32,
+            lease_timeout_ms: LEASE_TIMEOUT.as_millis() as u32,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let cancel = self
+            .pool
+            .heartbeat(&req.get_ref().worker_id)
+            .ok_or_else(|| Status::not_found("unknown worker: register first"))?;
+        Ok(Response::new(HeartbeatResponse {
+            cancel_task_ids: cancel,
+        }))
+    }
+
+    type TasksStream = TaskStream;
+
+    async fn tasks(
+        &self,
+        req: Request<TasksRequest>,
+    ) -> Result<Response<Self::TasksStream>, Status> {
+        let rx = self
+            .pool
+            .attach(&req.get_ref().worker_id)
+            .ok_or_else(|| Status::not_found("unknown worker: register first"))?;
+        let stream = UnboundedReceiverStream::new(rx).map(|a| Ok(assignment_message(a)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn stream_logs(
+        &self,
+        req: Request<Streaming<TaskLog>>,
+    ) -> Result<Response<StreamLogsResponse>, Status> {
+        let mut s = req.into_inner();
+        while let Some(l) = s.message().await? {
+            self.pool.log(&l.worker_id, &l.task_id, l.line);
+        }
+        Ok(Response::new(StreamLogsResponse {}))
+    }
+
+    async fn report_result(
+        &self,
+        req: Request<TaskReport>,
+    ) -> Result<Response<TaskReportResponse>, Status> {
+        let r = req.into_inner();
+        let outcome = match &r.outcome {
+            Some(task_report::Outcome::Result(d)) => {
+                Ok(from_document::<StageResult>("StageResult/1", Some(d))?)
+            }
+            Some(task_report::Outcome::Error(d)) => {
+                Err(from_document::<StageError>("StageError/1", Some(d))?)
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "a report needs a result or an error",
+                ))
+            }
+        };
+        let artifacts = r
+            .artifacts
+            .iter()
+            .map(artifact)
+            .collect::<Result<Vec<_>, _>>()?;
+        let accepted = self
+            .pool
+            .report(&r.worker_id, &r.task_id, Report { outcome, artifacts });
+        Ok(Response::new(TaskReportResponse { accepted }))
+    }
+}
