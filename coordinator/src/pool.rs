@@ -193,10 +193,10 @@ impl WorkerPool {
             }
         }
         for a in &report.artifacts {
+            // A rebuild of the same key replaces its earlier export of the same path.
             let list = st.artifacts.entry(a.stage_key).or_default();
-            if !list.contains(a) {
-                list.push(a.clone());
-            }
+            list.retain(|old| old.path != a.path);
+            list.push(a.clone());
         }
         let _ = r.reply.send(report);
         drop(st);
