@@ -1,0 +1,434 @@
+//! The daemon side: connecting, images as (layers, config), loading configs, and the
+//! containers, volumes and images a stage makes (removed whatever happens).
+//!
+//! Why `docker load` for configs: `POST /commit` merges the container's config into the
+//! one given (a RUN's command leaks into `Cmd`, nothing can be unset), and creating a
+//! container merges the image's config (VOLUMEs become anonymous volumes). So containers
+//! are created from a *bare* image (same layers, empty config) and every result image is
+//! written with `docker load` from its exact config; the daemon reuses layers it already
+//! has by chain id, so the archive holds only JSON.
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bollard::models::ContainerCreateBody;
+use bollard::query_parameters::{
+    CommitContainerOptionsBuilder, ContainerArchiveInfoOptionsBuilder,
+    CreateContainerOptionsBuilder, DownloadFromContainerOptionsBuilder, ImportImageOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder, RemoveVolumeOptionsBuilder,
+    UploadToContainerOptionsBuilder,
+};
+use bollard::Docker;
+use coordinator::task::StageError;
+use futures::StreamExt;
+use serde_json::json;
+
+use super::config::ImageConfig;
+
+/// An image as the executor sees it: its layer chain and its config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageState {
+    /// Uncompressed layer digests (`RootFS.Layers`), bottom first.
+    pub layers: Vec<String>,
+    pub config: ImageConfig,
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+    pub author: Option<String>,
+}
+
+impl ImageState {
+    /// An empty image (no layers) for `os/arch[/variant]`, with an empty config.
+    pub fn empty(platform: &str) -> Self {
+        let mut parts = platform.split('/');
+        ImageState {
+            layers: Vec::new(),
+            config: ImageConfig::default(),
+            os: parts.next().unwrap_or("linux").to_string(),
+            architecture: parts.next().unwrap_or("amd64").to_string(),
+            variant: parts.next().map(str::to_string),
+            author: None,
+        }
+    }
+
+    /// The image config JSON `docker load` stores (the image id is its sha256).
+    fn to_json(&self, comment: Option<&str>) -> Vec<u8> {
+        let mut v = json!({
+            "architecture": self.architecture,
+            "os": self.os,
+            "config": self.config,
+            "rootfs": { "type": "layers", "diff_ids": self.layers },
+        });
+        if let Some(variant) = &self.variant {
+            v["variant"] = json!(variant);
+        }
+        if let Some(a) = &self.author {
+            v["author"] = json!(a);
+        }
+        if let Some(c) = comment {
+            v["comment"] = json!(c);
+        }
+        serde_json::to_vec(&v).expect("config serializes")
+    }
+}
+
+/// A Docker error as a stage error, saying what was being done.
+pub fn derr(what: impl std::fmt::Display, e: bollard::errors::Error) -> StageError {
+    StageError::new(format!("{what}: {e}"))
+}
+
+/// Whether a bollard error is the daemon's 404.
+pub fn is_not_found(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+/// A file's stat inside a container (`HEAD /containers/{id}/archive`).
+#[derive(Debug, Clone)]
+pub struct PathStat {
+    pub is_dir: bool,
+    pub is_symlink: bool,
+    /// For a symlink: the target fully resolved inside the container, absolute.
+    pub link_target: String,
+}
+
+/// Go's `os.ModeDir` and `os.ModeSymlink` bits as Docker sends them.
+const GO_MODE_DIR: u32 = 1 << 31;
+const GO_MODE_SYMLINK: u32 = 1 << 27;
+
+/// Containers, volumes and images made for one stage; `cleanup` removes them all.
+#[derive(Default)]
+pub struct Resources {
+    containers: Mutex<Vec<String>>,
+    volumes: Mutex<Vec<String>>,
+    images: Mutex<Vec<String>>,
+}
+
+impl Resources {
+    pub fn container(&self, id: &str) {
+        self.containers.lock().unwrap().push(id.to_string());
+    }
+    pub fn volume(&self, name: &str) {
+        self.volumes.lock().unwrap().push(name.to_string());
+    }
+    pub fn image(&self, reference: &str) {
+        self.images.lock().unwrap().push(reference.to_string());
+    }
+
+    /// Removes everything registered, containers first (they pin volumes and images),
+    /// newest image first (a committed image is the child of the bare one it came from).
+    pub async fn cleanup(&self, docker: &Docker) {
+        let containers = std::mem::take(&mut *self.containers.lock().unwrap());
+        for c in containers.iter().rev() {
+            let opts = RemoveContainerOptionsBuilder::default()
+                .force(true)
+                .v(true)
+                .build();
+            if let Err(e) = docker.remove_container(c, Some(opts)).await {
+                if !is_not_found(&e) {
+                    tracing::warn!(container = %c, error = %e, "could not remove container");
+                }
+            }
+        }
+        let volumes = std::mem::take(&mut *self.volumes.lock().unwrap());
+        for v in volumes.iter().rev() {
+            let opts = RemoveVolumeOptionsBuilder::default().force(true).build();
+            if let Err(e) = docker.remove_volume(v, Some(opts)).await {
+                if !is_not_found(&e) {
+                    tracing::warn!(volume = %v, error = %e, "could not remove volume");
+                }
+            }
+        }
+        let images = std::mem::take(&mut *self.images.lock().unwrap());
+        for i in images.iter().rev() {
+            let opts = RemoveImageOptionsBuilder::default().noprune(false).build();
+            if let Err(e) = docker.remove_image(i, Some(opts), None).await {
+                if !is_not_found(&e) {
+                    tracing::debug!(image = %i, error = %e, "could not remove image");
+                }
+            }
+        }
+    }
+}
+
+/// The daemon connection plus the names this executor gives to what it makes.
+#[derive(Clone)]
+pub struct Daemon {
+    pub docker: Docker,
+    /// `dbuild-w-<worker>`: prefix of every container and temporary volume name.
+    pub prefix: String,
+    counter: Arc<AtomicU64>,
+}
+
+impl Daemon {
+    /// Connects (`unix://`, `tcp://`/`http://` or the local defaults), negotiates the API
+    /// version and raises the request timeout to 600 s (loads and uploads can be big).
+    pub async fn connect(docker_host: Option<&str>, name: &str) -> Result<Self, StageError> {
+        let timeout = 600;
+        let docker = match docker_host {
+            None => Docker::connect_with_local_defaults(),
+            Some(h) if h.starts_with("unix://") || h.starts_with('/') => {
+                Docker::connect_with_unix(h, timeout, bollard::API_DEFAULT_VERSION)
+            }
+            Some(h) if h.starts_with("tcp://") || h.starts_with("http://") => {
+                Docker::connect_with_http(h, timeout, bollard::API_DEFAULT_VERSION)
+            }
+            Some(h) => Docker::connect_with_host(h),
+        }
+        .map_err(|e| derr("cannot connect to the Docker daemon", e))?;
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|e| derr("cannot reach the Docker daemon", e))?
+            .with_timeout(Duration::from_secs(timeout));
+        let clean: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        Ok(Daemon {
+            docker,
+            prefix: format!("dbuild-w-{clean}"),
+            counter: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// A name no other object of this process uses: `<prefix>-<pid>-<n>`.
+    pub fn unique(&self, what: &str) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() % 1_000_000_000)
+            .unwrap_or(0);
+        format!("{}-{what}-{}-{n}-{t}", self.prefix, std::process::id())
+    }
+
+    /// `(id, state)` of an image, or `None` if the daemon has no such image.
+    pub async fn inspect(
+        &self,
+        reference: &str,
+    ) -> Result<Option<(String, ImageState)>, StageError> {
+        match self.docker.inspect_image(reference).await {
+            Ok(i) => {
+                let state = ImageState {
+                    layers: i.root_fs.and_then(|r| r.layers).unwrap_or_default(),
+                    config: ImageConfig::from_inspect(i.config),
+                    os: i.os.unwrap_or_else(|| "linux".into()),
+                    architecture: i.architecture.unwrap_or_else(|| "amd64".into()),
+                    variant: i.variant.filter(|v| !v.is_empty()),
+                    author: i.author.filter(|a| !a.is_empty()),
+                };
+                Ok(Some((i.id.unwrap_or_default(), state)))
+            }
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(derr(format!("inspect image {reference}"), e)),
+        }
+    }
+
+    /// Writes images with `docker load`: each `(state, tags)` becomes one image tagged
+    /// with every tag. The layers must already exist on the daemon.
+    pub async fn load(
+        &self,
+        images: &[(&ImageState, Vec<String>, Option<&str>)],
+    ) -> Result<(), StageError> {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut manifest = Vec::new();
+        for (i, (state, tags, comment)) in images.iter().enumerate() {
+            let name = format!("config-{i}.json");
+            append_bytes(&mut tar, &name, &state.to_json(*comment))
+                .map_err(|e| StageError::new(format!("build image archive: {e}")))?;
+            let layers: Vec<String> = (0..state.layers.len())
+                .map(|l| format!("layer-{i}-{l}/layer.tar"))
+                .collect();
+            manifest.push(json!({ "Config": name, "RepoTags": tags, "Layers": layers }));
+        }
+        let manifest = serde_json::to_vec(&manifest).expect("manifest serializes");
+        append_bytes(&mut tar, "manifest.json", &manifest)
+            .map_err(|e| StageError::new(format!("build image archive: {e}")))?;
+        let bytes = tar
+            .into_inner()
+            .map_err(|e| StageError::new(format!("build image archive: {e}")))?;
+        let opts = ImportImageOptionsBuilder::default().quiet(true).build();
+        let mut stream = self
+            .docker
+            .import_image(opts, bollard::body_full(bytes.into()), None);
+        while let Some(item) = stream.next().await {
+            item.map_err(|e| derr("docker load of an image config", e))?;
+        }
+        Ok(())
+    }
+
+    /// Loads an image with `state`'s layers and an empty config under a fresh tag (noted
+    /// in `res`), so containers made from it see exactly the config they are given.
+    pub async fn bare_image(
+        &self,
+        state: &ImageState,
+        res: &Resources,
+    ) -> Result<String, StageError> {
+        let bare = ImageState {
+            config: ImageConfig::default(),
+            author: None,
+            ..state.clone()
+        };
+        let tag = format!("dbuild-bare:{}", self.unique("b").replace('/', "-"));
+        let comment = tag.clone();
+        res.image(&tag);
+        self.load(&[(&bare, vec![tag.clone()], Some(comment.as_str()))])
+            .await?;
+        Ok(tag)
+    }
+
+    /// Creates (never starts) a container named by this executor, noted in `res`.
+    pub async fn create(
+        &self,
+        mut body: ContainerCreateBody,
+        res: &Resources,
+    ) -> Result<String, StageError> {
+        if body.cmd.is_none() && body.entrypoint.is_none() {
+            // The daemon refuses a container without a command, even one never started.
+            body.cmd = Some(vec!["/dbuild-never-started".into()]);
+        }
+        let name = self.unique("c");
+        let opts = CreateContainerOptionsBuilder::default().name(&name).build();
+        let r = self
+            .docker
+            .create_container(Some(opts), body)
+            .await
+            .map_err(|e| derr("create container", e))?;
+        res.container(&r.id);
+        Ok(r.id)
+    }
+
+    /// Stats `path` in a container without following a final symlink.
+    pub async fn stat(&self, container: &str, path: &str) -> Result<Option<PathStat>, StageError> {
+        let opts = ContainerArchiveInfoOptionsBuilder::default()
+            .path(path)
+            .build();
+        match self
+            .docker
+            .get_container_archive_info(container, Some(opts))
+            .await
+        {
+            Ok(s) => Ok(Some(PathStat {
+                is_dir: s.file_mode & GO_MODE_DIR != 0,
+                is_symlink: s.file_mode & GO_MODE_SYMLINK != 0,
+                link_target: s.link_target,
+            })),
+            Err(e) if is_not_found(&e) => Ok(None),
+            // HEAD answers carry no body: a missing path can come back as another error
+            // whose message the daemon could not send.
+            Err(bollard::errors::Error::HttpHeaderNotFoundError(_)) => Ok(None),
+            Err(e) => Err(derr(format!("stat {path}"), e)),
+        }
+    }
+
+    /// Stats `path`, following symlinks (`os.Stat` semantics), up to 16 links deep.
+    pub async fn stat_follow(
+        &self,
+        container: &str,
+        path: &str,
+    ) -> Result<Option<PathStat>, StageError> {
+        let mut p = path.to_string();
+        for _ in 0..16 {
+            match self.stat(container, &p).await? {
+                Some(s) if s.is_symlink => p = s.link_target.clone(),
+                other => return Ok(other),
+            }
+        }
+        Err(StageError::new(format!(
+            "too many levels of symbolic links: {path}"
+        )))
+    }
+
+    /// The tar archive of `path` in a container (Docker names the root entry by its base
+    /// name).
+    pub async fn download(&self, container: &str, path: &str) -> Result<Vec<u8>, StageError> {
+        let opts = DownloadFromContainerOptionsBuilder::default()
+            .path(path)
+            .build();
+        let mut stream = self.docker.download_from_container(container, Some(opts));
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| derr(format!("read {path} from container"), e))?;
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
+
+    /// Extracts a tar archive (plain or compressed) at `path` in a container.
+    pub async fn upload(
+        &self,
+        container: &str,
+        path: &str,
+        tar: Vec<u8>,
+    ) -> Result<(), StageError> {
+        let opts = UploadToContainerOptionsBuilder::default()
+            .path(path)
+            .build();
+        self.docker
+            .upload_to_container(container, Some(opts), bollard::body_full(tar.into()))
+            .await
+            .map_err(|e| derr(format!("write files into container at {path}"), e))
+    }
+
+    /// Commits a container's changes as a new (temporary, noted in `res`) image and
+    /// returns its layer chain.
+    pub async fn commit_layers(
+        &self,
+        container: &str,
+        res: &Resources,
+    ) -> Result<Vec<String>, StageError> {
+        let opts = CommitContainerOptionsBuilder::default()
+            .container(container)
+            .pause(false)
+            .build();
+        let r = self
+            .docker
+            .commit_container(opts, bollard::models::ContainerConfig::default())
+            .await
+            .map_err(|e| derr("commit container", e))?;
+        let id = r.id;
+        res.image(&id);
+        match self.inspect(&id).await? {
+            Some((_, s)) => Ok(s.layers),
+            None => Err(StageError::new(format!("committed image {id} vanished"))),
+        }
+    }
+
+    /// Tags an existing image.
+    pub async fn tag(&self, image: &str, tag: &str) -> Result<(), StageError> {
+        let (repo, t) = tag.rsplit_once(':').unwrap_or((tag, "latest"));
+        let opts = bollard::query_parameters::TagImageOptionsBuilder::default()
+            .repo(repo)
+            .tag(t)
+            .build();
+        self.docker
+            .tag_image(image, Some(opts))
+            .await
+            .map_err(|e| derr(format!("tag {image} as {tag}"), e))
+    }
+}
+
+/// Appends a regular file (0644, root) to a tar archive.
+pub fn append_bytes<W: std::io::Write>(
+    tar: &mut tar::Builder<W>,
+    name: &str,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mtime(0);
+    tar.append_data(&mut h, name, data)
+}

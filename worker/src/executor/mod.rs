@@ -1,0 +1,407 @@
+//! [`DockerExecutor`]: builds one stage on a Docker daemon through the container and
+//! image API only (create, put archive, start, wait, commit, load), never the daemon's
+//! builder. BuildKit's output for the same Dockerfile is the reference for every rule.
+mod config;
+mod copy;
+mod docker;
+mod fetch;
+mod run;
+mod steps;
+mod tree;
+mod users;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bollard::query_parameters::CreateImageOptionsBuilder;
+use bollard::Docker;
+use coordinator::frontend::expand::{Lexer, VarLookup};
+use coordinator::frontend::instructions::{parse_instruction, Instruction};
+use coordinator::frontend::parser;
+use coordinator::keys::StageKey;
+use coordinator::task::{
+    instruction_image_tag, stage_image_tag, BuildInputs, Executor, StageError, StageLog,
+    StageResult, StageTask, TaskBase,
+};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{ImageConfig, DEFAULT_PATH};
+pub use docker::ImageState;
+
+use docker::{Daemon, Resources};
+
+/// Runs stage tasks on one Docker daemon.
+///
+/// Guarantees: every container, temporary volume and temporary image it makes is
+/// removed when `run_stage` returns (success, failure or cancel); cache-mount volumes
+/// (`dbuild-cache-*`) are kept on purpose. Result images are tagged
+/// [`instruction_image_tag`] per instruction and [`stage_image_tag`] per stage.
+pub struct DockerExecutor {
+    daemon: Daemon,
+    name: String,
+    locks: run::CacheLocks,
+    /// Network mode of a RUN without `--network` (`None`: the daemon's default).
+    run_network: Option<String>,
+}
+
+impl DockerExecutor {
+    /// Connects to `docker_host` (`unix://...`, `tcp://...`) or the local default socket,
+    /// negotiates the API version and raises the request timeout to 600 s.
+    pub async fn connect(docker_host: Option<&str>, name: &str) -> Result<Self, StageError> {
+        Ok(DockerExecutor {
+            daemon: Daemon::connect(docker_host, name).await?,
+            name: name.to_string(),
+            locks: Default::default(),
+            run_network: None,
+        })
+    }
+
+    /// Runs every RUN without `--network` in this Docker network mode (e.g. `none` on
+    /// machines without a bridge); `RUN --network=none|host` still wins.
+    pub fn with_run_network(mut self, mode: &str) -> Self {
+        self.run_network = Some(mode.to_string());
+        self
+    }
+
+    /// The daemon connection (for tests and tools).
+    pub fn docker(&self) -> &Docker {
+        &self.daemon.docker
+    }
+
+    /// The prefix of every container and temporary volume name this executor makes.
+    pub fn name_prefix(&self) -> &str {
+        &self.daemon.prefix
+    }
+}
+
+/// Variables for expansion: the image's ENV first, then the build args.
+struct Vars<'a> {
+    env: BTreeMap<String, String>,
+    args: &'a BTreeMap<String, String>,
+}
+
+impl VarLookup for Vars<'_> {
+    fn lookup(&self, name: &str) -> Option<&str> {
+        self.env
+            .get(name)
+            .or_else(|| self.args.get(name))
+            .map(String::as_str)
+    }
+}
+
+/// Expands the fields Docker expands, against the current ENV then `args`.
+fn expand(
+    raw: &Instruction,
+    config: &ImageConfig,
+    args: &BTreeMap<String, String>,
+    escape: char,
+) -> Result<Instruction, StageError> {
+    let lexer = Lexer::new(escape);
+    let vars = Vars {
+        env: config.env_map(),
+        args,
+    };
+    let mut ins = raw.clone();
+    ins.expand(&mut |w: &str| -> Result<String, StageError> {
+        lexer
+            .expand(w, &vars)
+            .map(|e| e.value)
+            .map_err(|e| StageError::new(e.to_string()))
+    })?;
+    Ok(ins)
+}
+
+/// Parses a base image's ONBUILD triggers as instructions.
+fn parse_triggers(triggers: &[String], escape: char) -> Result<Vec<Instruction>, StageError> {
+    let mut out = Vec::new();
+    for t in triggers {
+        let text = if escape == '\\' {
+            t.clone()
+        } else {
+            format!("# escape={escape}\n{t}")
+        };
+        let df = parser::parse(text.as_bytes())
+            .map_err(|e| StageError::new(format!("ONBUILD trigger {t:?}: {}", e.message)))?;
+        for node in &df.nodes {
+            out.push(
+                parse_instruction(node).map_err(|e| {
+                    StageError::new(format!("ONBUILD trigger {t:?}: {}", e.message))
+                })?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// The state of a stage being built.
+pub(crate) struct StageRun<'a> {
+    pub task: &'a StageTask,
+    pub inputs: &'a BuildInputs,
+    pub logs: &'a tokio::sync::mpsc::UnboundedSender<StageLog>,
+    pub cancel: &'a CancellationToken,
+    pub res: &'a Resources,
+    pub state: ImageState,
+    /// The id of an image with exactly `state`, if one exists.
+    pub id: Option<String>,
+    pub flags: config::StageFlags,
+    /// Images to write with the next `docker load`, with their tags.
+    pub pending: Vec<(ImageState, Vec<String>)>,
+    pub command_time: Duration,
+    /// A bare image with no layers (helper containers), made on first use.
+    pub empty_bare: Option<String>,
+}
+
+impl DockerExecutor {
+    async fn base_state(
+        &self,
+        task: &StageTask,
+    ) -> Result<(ImageState, Option<String>, Vec<String>), StageError> {
+        match &task.base {
+            TaskBase::Scratch => {
+                let mut s = ImageState::empty(&task.platform);
+                s.config.env = vec![format!("PATH={DEFAULT_PATH}")];
+                s.config.working_dir = "/".into();
+                Ok((s, None, Vec::new()))
+            }
+            TaskBase::Image { reference, id } => {
+                let (id, mut s) = self.daemon.inspect(id).await?.ok_or_else(|| {
+                    StageError::new(format!(
+                        "base image {reference} ({id}) is not on the Docker daemon of worker {}",
+                        self.name
+                    ))
+                })?;
+                let mut changed = false;
+                if s.config.env_get("PATH").is_none() {
+                    s.config.env.push(format!("PATH={DEFAULT_PATH}"));
+                    changed = true;
+                }
+                let triggers = std::mem::take(&mut s.config.on_build);
+                changed |= !triggers.is_empty();
+                Ok((s, (!changed).then_some(id), triggers))
+            }
+            TaskBase::Stage { index, key } => {
+                let tag = stage_image_tag(key);
+                let (id, mut s) = self.daemon.inspect(&tag).await?.ok_or_else(|| {
+                    StageError::new(format!(
+                        "the result of stage {index} ({tag}) is not on the Docker daemon of worker {}",
+                        self.name
+                    ))
+                })?;
+                // The plan already put the parent stage's triggers into this stage.
+                let had = !s.config.on_build.is_empty();
+                s.config.on_build.clear();
+                Ok((s, (!had).then_some(id), Vec::new()))
+            }
+        }
+    }
+
+    async fn stage(
+        &self,
+        task: &StageTask,
+        inputs: &BuildInputs,
+        logs: &tokio::sync::mpsc::UnboundedSender<StageLog>,
+        cancel: &CancellationToken,
+        res: &Resources,
+    ) -> Result<StageResult, StageError> {
+        let started = Instant::now();
+        let (state, id, triggers) = self.base_state(task).await?;
+        let mut triggers = parse_triggers(&triggers, task.escape)?;
+        let mut st = StageRun {
+            task,
+            inputs,
+            logs,
+            cancel,
+            res,
+            state,
+            id,
+            flags: Default::default(),
+            pending: Vec::new(),
+            command_time: Duration::ZERO,
+            empty_bare: None,
+        };
+        let (mut executed, mut reused) = (0, 0);
+        let no_args = BTreeMap::new();
+        for ti in &task.instructions {
+            if cancel.is_cancelled() {
+                return Err(StageError::cancelled());
+            }
+            let tag = instruction_image_tag(&ti.key);
+            if !task.no_cache {
+                if let Some((id, s)) = self.daemon.inspect(&tag).await? {
+                    self.flush(&mut st).await?;
+                    st.state = s;
+                    st.id = Some(id);
+                    triggers.clear();
+                    if matches!(ti.instruction, Instruction::Cmd(_)) {
+                        st.flags.cmd_set = true;
+                    }
+                    reused += 1;
+                    continue;
+                }
+            }
+            for trigger in std::mem::take(&mut triggers) {
+                let _ = logs.send(StageLog {
+                    stage: task.stage,
+                    line: format!("# ONBUILD {}", trigger.keyword()),
+                });
+                self.execute(&mut st, &trigger, &no_args, None).await?;
+            }
+            let _ = logs.send(StageLog {
+                stage: task.stage,
+                line: format!("# {}", ti.source),
+            });
+            self.execute(&mut st, &ti.raw, &ti.args, Some(ti))
+                .await
+                .map_err(|mut e| {
+                    e.line = e.line.or(Some(ti.line));
+                    e
+                })?;
+            st.pending.push((st.state.clone(), vec![tag]));
+            st.id = None;
+            executed += 1;
+        }
+        for trigger in std::mem::take(&mut triggers) {
+            self.execute(&mut st, &trigger, &no_args, None).await?;
+        }
+        let stage_tag = stage_image_tag(&task.key);
+        match (st.pending.last_mut(), &st.id) {
+            (Some((s, tags)), _) if *s == st.state => tags.push(stage_tag.clone()),
+            (_, Some(id)) => {
+                let id = id.clone();
+                self.flush(&mut st).await?;
+                self.daemon.tag(&id, &stage_tag).await?;
+            }
+            _ => st.pending.push((st.state.clone(), vec![stage_tag.clone()])),
+        }
+        self.flush(&mut st).await?;
+        let (image_id, _) = self
+            .daemon
+            .inspect(&stage_tag)
+            .await?
+            .ok_or_else(|| StageError::new(format!("the stage image {stage_tag} vanished")))?;
+        Ok(StageResult {
+            stage: task.stage,
+            key: task.key,
+            image_id,
+            executed,
+            reused,
+            duration: started.elapsed(),
+            command_time: st.command_time,
+        })
+    }
+
+    /// Writes the pending images (one `docker load`).
+    async fn flush(&self, st: &mut StageRun<'_>) -> Result<(), StageError> {
+        if st.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut st.pending);
+        let images: Vec<_> = pending
+            .iter()
+            .map(|(s, tags)| (s, tags.clone(), None))
+            .collect();
+        self.daemon.load(&images).await
+    }
+
+    /// Runs one instruction (expanded here) on the stage state.
+    async fn execute(
+        &self,
+        st: &mut StageRun<'_>,
+        raw: &Instruction,
+        args: &BTreeMap<String, String>,
+        ti: Option<&coordinator::task::TaskInstruction>,
+    ) -> Result<(), StageError> {
+        let ins = expand(raw, &st.state.config, args, st.task.escape)?;
+        match &ins {
+            Instruction::From(_) => Err(StageError::new("FROM inside a stage task")),
+            Instruction::Run(r) => self.step_run(st, r, args, ti).await,
+            Instruction::Copy(c) => self.step_copy(st, c, false, ti).await,
+            Instruction::Add(c) => self.step_copy(st, c, true, ti).await,
+            Instruction::Workdir(_) => {
+                let mut author = None;
+                config::apply(&mut st.state.config, &mut st.flags, &mut author, &ins)
+                    .map_err(StageError::new)?;
+                let wd = st.state.config.working_dir.clone();
+                if wd != "/" {
+                    self.step_mkdir(st, &wd).await?;
+                }
+                Ok(())
+            }
+            other => {
+                let mut author = st.state.author.clone();
+                config::apply(&mut st.state.config, &mut st.flags, &mut author, other)
+                    .map_err(StageError::new)?;
+                st.state.author = author;
+                Ok(())
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Executor for DockerExecutor {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn resolve_image(&self, reference: &str, pull: bool) -> Result<String, StageError> {
+        if reference.eq_ignore_ascii_case("scratch") {
+            return Err(StageError::new(
+                "scratch is not an image: it is never resolved",
+            ));
+        }
+        if !pull {
+            if let Some((id, _)) = self.daemon.inspect(reference).await? {
+                return Ok(id);
+            }
+        }
+        let opts = CreateImageOptionsBuilder::default()
+            .from_image(reference)
+            .build();
+        let mut stream = self.daemon.docker.create_image(Some(opts), None, None);
+        let mut pull_error = None;
+        while let Some(item) = stream.next().await {
+            if let Err(e) = item {
+                pull_error = Some(e.to_string());
+                break;
+            }
+        }
+        if let Some((id, _)) = self.daemon.inspect(reference).await? {
+            if let Some(e) = pull_error {
+                tracing::warn!(image = reference, error = %e, "pull failed; using the local image");
+            }
+            return Ok(id);
+        }
+        Err(StageError::new(format!(
+            "image {reference} is missing on the Docker daemon of worker {} and could not be pulled ({}); provide it with `docker load -i <archive>` or `docker tag <existing-image> {reference}` on that daemon",
+            self.name,
+            pull_error.unwrap_or_else(|| "no error reported, but the image is still absent".into())
+        )))
+    }
+
+    async fn stage_image(&self, key: &StageKey) -> Option<String> {
+        self.daemon
+            .inspect(&stage_image_tag(key))
+            .await
+            .ok()
+            .flatten()
+            .map(|(id, _)| id)
+    }
+
+    async fn run_stage(
+        &self,
+        task: StageTask,
+        inputs: BuildInputs,
+        logs: tokio::sync::mpsc::UnboundedSender<StageLog>,
+        cancel: CancellationToken,
+    ) -> Result<StageResult, StageError> {
+        let res = Resources::default();
+        let result = self.stage(&task, &inputs, &logs, &cancel, &res).await;
+        res.cleanup(&self.daemon.docker).await;
+        match result {
+            Err(e) if cancel.is_cancelled() && !e.cancelled => Err(StageError::cancelled()),
+            r => r,
+        }
+    }
+}

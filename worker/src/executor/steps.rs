@@ -1,0 +1,569 @@
+//! The filesystem steps of a stage: WORKDIR's mkdir, COPY/ADD and RUN. Each works in a
+//! container made from a bare image of the current state and ends with a commit whose
+//! layers become the state's layers (the config is written later, by `docker load`).
+use std::collections::BTreeMap;
+
+use bollard::models::{ContainerCreateBody, HostConfig};
+use coordinator::context::IgnoreMatcher;
+use coordinator::frontend::instructions::{Copy, MountType, Run};
+use coordinator::frontend::parser::chomp_heredoc_content;
+use coordinator::task::{stage_image_tag, StageError, TaskInstruction, TaskSource};
+
+use super::copy::{self as cp, CopyPlanner};
+use super::docker::ImageState;
+use super::fetch;
+use super::run::{self, MountPrepSource, RunOutcome, RunSpec};
+use super::tree::{self, Content, Kind, Node, SourceTree};
+use super::users;
+use super::{DockerExecutor, StageRun};
+
+/// Where a COPY --from or a bind mount reads.
+enum FromImage {
+    Reference(String),
+    Scratch,
+}
+
+fn from_image(src: Option<&TaskSource>, written: Option<&str>) -> Option<FromImage> {
+    match (src, written) {
+        (Some(TaskSource::Scratch), _) => Some(FromImage::Scratch),
+        (Some(TaskSource::Image { id, .. }), _) => Some(FromImage::Reference(id.clone())),
+        (Some(TaskSource::Stage { key, .. }), _) => {
+            Some(FromImage::Reference(stage_image_tag(key)))
+        }
+        (None, Some(name)) => Some(FromImage::Reference(name.to_string())),
+        (None, None) => None,
+    }
+}
+
+impl DockerExecutor {
+    /// A never-started container of the current state (from a bare image).
+    async fn work_container(&self, st: &mut StageRun<'_>) -> Result<String, StageError> {
+        let state = st.state.clone();
+        self.container_of(st, &state).await
+    }
+
+    async fn container_of(
+        &self,
+        st: &StageRun<'_>,
+        state: &ImageState,
+    ) -> Result<String, StageError> {
+        let bare = self.daemon.bare_image(state, st.res).await?;
+        self.daemon
+            .create(
+                ContainerCreateBody {
+                    image: Some(bare),
+                    host_config: Some(HostConfig {
+                        network_mode: Some("none".into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                st.res,
+            )
+            .await
+    }
+
+    async fn empty_bare(&self, st: &mut StageRun<'_>) -> Result<String, StageError> {
+        if let Some(b) = &st.empty_bare {
+            return Ok(b.clone());
+        }
+        let b = self
+            .daemon
+            .bare_image(&ImageState::empty(&st.task.platform), st.res)
+            .await?;
+        st.empty_bare = Some(b.clone());
+        Ok(b)
+    }
+
+    async fn commit(&self, st: &mut StageRun<'_>, container: &str) -> Result<(), StageError> {
+        st.state.layers = self.daemon.commit_layers(container, st.res).await?;
+        Ok(())
+    }
+
+    /// The text of a file in a container, `""` if it does not exist.
+    async fn read_text(&self, container: &str, path: &str) -> Result<String, StageError> {
+        if self.daemon.stat_follow(container, path).await?.is_none() {
+            return Ok(String::new());
+        }
+        let tar = self.daemon.download(container, path).await?;
+        let mut ar = tar::Archive::new(tar.as_slice());
+        let mut out = String::new();
+        if let Some(Ok(mut e)) = ar
+            .entries()
+            .map_err(|e| StageError::new(e.to_string()))?
+            .next()
+        {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut out);
+        }
+        Ok(out)
+    }
+
+    /// `user[:group]` → ids, reading the image's passwd/group only when names are used.
+    async fn owner(&self, container: &str, spec: &str) -> Result<(u32, u32), StageError> {
+        let (passwd, group) = if users::needs_files(spec) {
+            (
+                self.read_text(container, "/etc/passwd").await?,
+                self.read_text(container, "/etc/group").await?,
+            )
+        } else {
+            Default::default()
+        };
+        users::resolve(spec, &passwd, &group).map_err(StageError::new)
+    }
+
+    async fn upload_nodes(
+        &self,
+        st: &StageRun<'_>,
+        container: &str,
+        at: &str,
+        nodes: BTreeMap<String, Node>,
+    ) -> Result<(), StageError> {
+        let ctx = st.inputs.context.clone();
+        let tar =
+            tokio::task::spawn_blocking(move || tree::write_tar(Vec::new(), &nodes, ctx.as_ref()))
+                .await
+                .map_err(|e| StageError::new(format!("build archive: {e}")))?
+                .map_err(|e| StageError::new(format!("build archive: {e}")))?;
+        self.daemon.upload(container, at, tar).await
+    }
+
+    /// WORKDIR: `mkdir -p` owned by the current USER, as BuildKit does.
+    pub(super) async fn step_mkdir(
+        &self,
+        st: &mut StageRun<'_>,
+        wd: &str,
+    ) -> Result<(), StageError> {
+        let c = self.work_container(st).await?;
+        let user = st.state.config.user.clone();
+        let owner = if user.is_empty() {
+            None
+        } else {
+            Some(self.owner(&c, &user).await?)
+        };
+        let mut planner = CopyPlanner::new(&self.daemon, &c, owner, None);
+        planner.mkdir_all(wd).await?;
+        if planner.nodes.is_empty() {
+            return Ok(());
+        }
+        let nodes = std::mem::take(&mut planner.nodes);
+        self.upload_nodes(st, &c, "/", nodes).await?;
+        self.commit(st, &c).await
+    }
+
+    /// The source trees a `--from` source path selects (wildcards resolved).
+    async fn image_sources(
+        &self,
+        container: &str,
+        src: &str,
+    ) -> Result<Vec<SourceTree>, StageError> {
+        let abs = super::config::clean_abs(&format!("/{src}"));
+        if !cp::has_wildcard(&abs) {
+            if self.daemon.stat_follow(container, &abs).await?.is_none() {
+                return Err(StageError::new(format!(
+                    "failed to compute cache key: \"{abs}\": not found"
+                )));
+            }
+            // COPY follows a source that is a symlink; the archive API would not.
+            let real = self.resolve_link(container, &abs).await?;
+            let data = self.daemon.download(container, &real).await?;
+            let mut t = tree::tar_tree(&data, &real).map_err(StageError::new)?;
+            t.name = abs.rsplit('/').next().unwrap_or("").to_string();
+            t.path = abs.trim_start_matches('/').to_string();
+            return Ok(vec![t]);
+        }
+        let parts: Vec<&str> = abs.split('/').filter(|p| !p.is_empty()).collect();
+        let first = parts.iter().position(|p| cp::has_wildcard(p)).unwrap_or(0);
+        let base = format!("/{}", parts[..first].join("/"));
+        let pattern = parts[first..].join("/");
+        if self.daemon.stat_follow(container, &base).await?.is_none() {
+            return Ok(Vec::new());
+        }
+        let data = self.daemon.download(container, &base).await?;
+        let all = tree::tar_tree(&data, &base).map_err(StageError::new)?;
+        let mut out: Vec<SourceTree> = Vec::new();
+        for e in &all.entries {
+            if e.rel.is_empty()
+                || out
+                    .iter()
+                    .any(|t| e.rel.starts_with(&format!("{}/", t.path)))
+                || !coordinator::context::path_match(&pattern, &e.rel).unwrap_or(false)
+            {
+                continue;
+            }
+            let prefix = format!("{}/", e.rel);
+            let entries = all
+                .entries
+                .iter()
+                .filter(|x| x.rel == e.rel || x.rel.starts_with(&prefix))
+                .map(|x| tree::SrcEntry {
+                    rel: x.rel.strip_prefix(&prefix).unwrap_or("").to_string(),
+                    ..x.clone()
+                })
+                .collect();
+            out.push(SourceTree {
+                name: e.rel.rsplit('/').next().unwrap_or("").to_string(),
+                path: e.rel.clone(),
+                entries,
+                keep_owner: true,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn resolve_link(&self, container: &str, path: &str) -> Result<String, StageError> {
+        let mut p = path.to_string();
+        for _ in 0..16 {
+            match self.daemon.stat(container, &p).await? {
+                Some(s) if s.is_symlink => p = s.link_target,
+                _ => return Ok(p),
+            }
+        }
+        Err(StageError::new(format!(
+            "too many levels of symbolic links: {path}"
+        )))
+    }
+
+    /// COPY and ADD.
+    pub(super) async fn step_copy(
+        &self,
+        st: &mut StageRun<'_>,
+        c: &Copy,
+        add: bool,
+        ti: Option<&TaskInstruction>,
+    ) -> Result<(), StageError> {
+        let kw = if add { "ADD" } else { "COPY" };
+        if c.checksum.is_some() || c.keep_git_dir {
+            return Err(StageError::new(format!(
+                "{kw} --checksum and --keep-git-dir are not supported by this executor yet"
+            )));
+        }
+        let (dest, dest_dir) = cp::destination(&c.dest, &st.state.config.working_dir);
+        if c.sources.len() > 1 && !dest_dir {
+            return Err(StageError::new(format!(
+                "When using {kw} with more than one source file, the destination must be a directory and end with a /"
+            )));
+        }
+        let work = self.work_container(st).await?;
+        let owner = match &c.chown {
+            Some(spec) if !spec.is_empty() => Some(self.owner(&work, spec).await?),
+            _ => None,
+        };
+        let chmod = c.chmod.as_deref().map(cp::parse_chmod).transpose()?;
+        let excludes = if c.excludes.is_empty() {
+            None
+        } else {
+            Some(IgnoreMatcher::new(&c.excludes).map_err(|e| StageError::new(e.to_string()))?)
+        };
+        let from = from_image(ti.and_then(|t| t.copy_from.as_ref()), c.from.as_deref());
+        let from_container = match &from {
+            Some(FromImage::Reference(r)) => {
+                let (_, state) = self.daemon.inspect(r).await?.ok_or_else(|| {
+                    StageError::new(format!("{kw} --from: image {r} is not on this daemon"))
+                })?;
+                Some(self.container_of(st, &state).await?)
+            }
+            _ => None,
+        };
+        let mut trees: Vec<SourceTree> = Vec::new();
+        let mut archives: Vec<Vec<u8>> = Vec::new();
+        for src in &c.sources {
+            if let Some(h) = heredoc_source(src, c) {
+                let data = if h.chomp {
+                    chomp_heredoc_content(&h.content)
+                } else {
+                    h.content.clone()
+                };
+                trees.push(tree::bytes_tree(&h.name, data.into_bytes(), 0o644));
+                continue;
+            }
+            if src.starts_with("http://") || src.starts_with("https://") {
+                if !add {
+                    return Err(StageError::new("source can't be a URL for COPY"));
+                }
+                let url = src.clone();
+                let data = tokio::task::spawn_blocking(move || fetch::http_get(&url))
+                    .await
+                    .map_err(|e| StageError::new(e.to_string()))?
+                    .map_err(StageError::new)?;
+                trees.push(tree::bytes_tree(&fetch::url_file_name(src), data, 0o600));
+                continue;
+            }
+            if src.starts_with("git@") || src.ends_with(".git") && src.contains("://") {
+                return Err(StageError::new(format!(
+                    "{kw} of a git repository is not supported by this executor yet"
+                )));
+            }
+            match (&from, &from_container) {
+                (Some(FromImage::Scratch), _) => {
+                    return Err(StageError::new(format!(
+                    "failed to compute cache key: \"{src}\": not found (--from=scratch is empty)"
+                )))
+                }
+                (_, Some(fc)) => {
+                    let found = self.image_sources(fc, src).await?;
+                    if found.is_empty() {
+                        return Err(StageError::new(format!(
+                            "failed to compute cache key: \"{src}\": not found"
+                        )));
+                    }
+                    trees.extend(found);
+                }
+                _ => {
+                    let manifest = &st.inputs.manifest;
+                    let matches = cp::context_matches(manifest, src);
+                    if matches.is_empty() {
+                        return Err(StageError::new(format!(
+                            "failed to compute cache key: \"/{}\": not found",
+                            coordinator::keys::clean_source(src)
+                        )));
+                    }
+                    for m in matches {
+                        let t = cp::context_source(manifest, &m)?;
+                        if add && c.unpack != Some(false) {
+                            if let Some(data) = self.archive_bytes(st, &t).await? {
+                                archives.push(data);
+                                continue;
+                            }
+                        }
+                        trees.push(t);
+                    }
+                }
+            }
+        }
+        let mut planner = CopyPlanner::new(&self.daemon, &work, owner, chmod);
+        for t in &trees {
+            if c.parents && from.is_none() {
+                let d = cp::parents_dest(&dest, &t.path);
+                for (dir, mode) in cp::parent_dirs(&st.inputs.manifest, &t.path) {
+                    let at = cp::join(&dest, &dir);
+                    planner.mkdir_all(cp::parent(&at)).await?;
+                    let (uid, gid) = owner.unwrap_or((0, 0));
+                    planner.nodes.entry(at).or_insert(Node {
+                        kind: Kind::Dir,
+                        mode: chmod.unwrap_or(mode),
+                        uid,
+                        gid,
+                    });
+                }
+                planner.add_tree(t, &d, true, excludes.as_ref()).await?;
+            } else {
+                planner
+                    .add_tree(t, &dest, dest_dir, excludes.as_ref())
+                    .await?;
+            }
+        }
+        if !archives.is_empty() {
+            planner.mkdir_all(&dest).await?;
+        }
+        let nodes = std::mem::take(&mut planner.nodes);
+        if !nodes.is_empty() {
+            self.upload_nodes(st, &work, "/", nodes).await?;
+        }
+        for a in archives {
+            self.daemon.upload(&work, &dest, a).await?;
+        }
+        self.commit(st, &work).await
+    }
+
+    /// For ADD: the bytes of a context file that is a tar archive (plain or compressed
+    /// in a way the daemon can decompress), checked by extracting it once into a
+    /// throwaway container; `None` for anything else.
+    async fn archive_bytes(
+        &self,
+        st: &mut StageRun<'_>,
+        t: &SourceTree,
+    ) -> Result<Option<Vec<u8>>, StageError> {
+        let Kind::File(Content::Context(path, _)) = &t.root().kind else {
+            return Ok(None);
+        };
+        let ctx = st.inputs.context.clone();
+        let p = path.clone();
+        let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            let mut v = Vec::new();
+            std::io::Read::read_to_end(&mut ctx.open(&p)?, &mut v)?;
+            Ok(v)
+        })
+        .await
+        .map_err(|e| StageError::new(e.to_string()))?
+        .map_err(|e| StageError::new(format!("read context file {path}: {e}")))?;
+        let Some(kind) = cp::archive_kind(&data) else {
+            return Ok(None);
+        };
+        if kind != "tar" {
+            let bare = self.empty_bare(st).await?;
+            let probe = self
+                .daemon
+                .create(
+                    ContainerCreateBody {
+                        image: Some(bare),
+                        ..Default::default()
+                    },
+                    st.res,
+                )
+                .await?;
+            if self.daemon.upload(&probe, "/", data.clone()).await.is_err() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(data))
+    }
+
+    /// RUN.
+    pub(super) async fn step_run(
+        &self,
+        st: &mut StageRun<'_>,
+        r: &Run,
+        args: &BTreeMap<String, String>,
+        ti: Option<&TaskInstruction>,
+    ) -> Result<(), StageError> {
+        let config = st.state.config.clone();
+        let (argv, script) = run::run_argv(r, &config);
+        let env = run::run_env(&config, args);
+        let mut binds: Vec<Option<MountPrepSource>> = Vec::new();
+        for (i, m) in r.mounts.iter().enumerate() {
+            if m.kind != MountType::Bind {
+                binds.push(None);
+                continue;
+            }
+            let src = m.source.clone().unwrap_or_else(|| ".".into());
+            let from = from_image(
+                ti.and_then(|t| t.mount_from.get(i))
+                    .and_then(Option::as_ref),
+                m.from.as_deref(),
+            );
+            binds.push(Some(match from {
+                Some(FromImage::Scratch) => MountPrepSource::Nodes(BTreeMap::new()),
+                Some(FromImage::Reference(reference)) => {
+                    let (_, state) = self.daemon.inspect(&reference).await?.ok_or_else(|| {
+                        StageError::new(format!(
+                            "RUN --mount from={reference}: image not on this daemon"
+                        ))
+                    })?;
+                    let c = self.container_of(st, &state).await?;
+                    let trees = self.image_sources(&c, &src).await?;
+                    let t = trees.into_iter().next().ok_or_else(|| {
+                        StageError::new(format!(
+                            "RUN --mount source {src}: not found in {reference}"
+                        ))
+                    })?;
+                    MountPrepSource::Nodes(tree_nodes(&t)?)
+                }
+                None => {
+                    let t = cp::context_source(&st.inputs.manifest, &src)?;
+                    MountPrepSource::Nodes(tree_nodes(&t)?)
+                }
+            }));
+        }
+        let plan = run::plan_mounts(
+            &self.daemon,
+            st.res,
+            &self.locks,
+            r,
+            &config.working_dir,
+            binds,
+            &st.inputs.secrets,
+            script,
+        )
+        .await?;
+        if !plan.prep.is_empty() {
+            let helper = self.empty_bare(st).await?;
+            run::fill_volumes(
+                &self.daemon,
+                st.res,
+                &helper,
+                plan.prep,
+                st.inputs.context.clone(),
+            )
+            .await?;
+        }
+        let image = self.daemon.bare_image(&st.state, st.res).await?;
+        let mut guards = Vec::new();
+        for l in &plan.locks {
+            guards.push(l.clone().lock_owned().await);
+        }
+        let spec = RunSpec {
+            image,
+            argv: argv.clone(),
+            env,
+            user: config.user.clone(),
+            workdir: config.working_dir.clone(),
+            network: match r.network.as_deref() {
+                Some("none") => Some("none".into()),
+                Some("host") => Some("host".into()),
+                _ => self.run_network.clone(),
+            },
+            mounts: plan.mounts,
+            tmpfs: plan.tmpfs,
+        };
+        let outcome = run::run_container(
+            &self.daemon,
+            st.res,
+            spec,
+            st.task.stage,
+            st.logs,
+            st.cancel,
+        )
+        .await?;
+        drop(guards);
+        match outcome {
+            RunOutcome::Cancelled => Err(StageError::cancelled()),
+            RunOutcome::Failed { code, tail } => Err(StageError {
+                message: format!(
+                    "process \"{}\" did not complete successfully: exit code: {code}",
+                    argv.join(" ")
+                ),
+                line: ti.map(|t| t.line),
+                log_tail: tail,
+                cancelled: false,
+            }),
+            RunOutcome::Exited { container, elapsed } => {
+                st.command_time += elapsed;
+                self.commit(st, &container).await
+            }
+        }
+    }
+}
+
+/// The heredoc a COPY source names (`<<EOF`, `<<-EOF`, `<<"EOF"`), if any.
+fn heredoc_source<'c>(
+    src: &str,
+    c: &'c Copy,
+) -> Option<&'c coordinator::frontend::instructions::HeredocBody> {
+    let rest = src.strip_prefix("<<")?;
+    let name = rest
+        .trim_start_matches('-')
+        .trim_matches(|ch| ch == '"' || ch == '\'');
+    c.heredocs.iter().find(|h| h.name == name)
+}
+
+/// A tree as nodes relative to a volume root (bind mounts).
+fn tree_nodes(t: &SourceTree) -> Result<BTreeMap<String, Node>, StageError> {
+    if !t.is_dir() {
+        return Err(StageError::new(format!(
+            "bind mount of the single file {:?} is not supported by this executor yet: mount its directory",
+            t.path
+        )));
+    }
+    Ok(t.entries
+        .iter()
+        .filter(|e| !e.rel.is_empty())
+        .map(|e| {
+            let kind = match &e.kind {
+                Kind::Hardlink(h) => Kind::Hardlink(format!("/{h}")),
+                k => k.clone(),
+            };
+            let uid = if t.keep_owner { e.uid } else { 0 };
+            let gid = if t.keep_owner { e.gid } else { 0 };
+            (
+                format!("/{}", e.rel),
+                Node {
+                    kind,
+                    mode: e.mode,
+                    uid,
+                    gid,
+                },
+            )
+        })
+        .collect())
+}

@@ -1,0 +1,317 @@
+//! Source trees for COPY/ADD and bind mounts: what one source brings (from the context, an
+//! image's tar export, a heredoc or a URL), and writing planned nodes as a tar archive.
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::sync::Arc;
+
+use coordinator::context::{ContextManifest, EntryKind};
+use coordinator::keys::clean_source;
+use coordinator::task::ContextFiles;
+
+/// Where a file's bytes come from.
+#[derive(Debug, Clone)]
+pub enum Content {
+    /// A context file (relative path) and the size the manifest recorded.
+    Context(String, u64),
+    Bytes(Arc<Vec<u8>>),
+}
+
+#[derive(Debug, Clone)]
+pub enum Kind {
+    Dir,
+    File(Content),
+    Symlink(String),
+    /// A hard link to another entry of the same tree (its relative path).
+    Hardlink(String),
+}
+
+/// One entry of a source tree; `rel` is relative to the tree's root ("" is the root).
+#[derive(Debug, Clone)]
+pub struct SrcEntry {
+    pub rel: String,
+    pub kind: Kind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// What one COPY source brings: its root (a file or a directory) and, for a directory,
+/// everything below it (parents before children).
+#[derive(Debug, Clone)]
+pub struct SourceTree {
+    /// The source's own name, as `filepath.Base` of the source path.
+    pub name: String,
+    /// The source path relative to its root context (for `--parents`).
+    pub path: String,
+    pub entries: Vec<SrcEntry>,
+    /// Keep the source's owners (COPY --from) instead of root.
+    pub keep_owner: bool,
+}
+
+impl SourceTree {
+    pub fn root(&self) -> &SrcEntry {
+        &self.entries[0]
+    }
+    pub fn is_dir(&self) -> bool {
+        matches!(self.root().kind, Kind::Dir)
+    }
+}
+
+/// Resolves a context path through symlinks (as COPY follows a source that is a link),
+/// staying inside the context.
+pub fn follow_context<'m>(
+    manifest: &'m ContextManifest,
+    path: &str,
+) -> Result<Option<&'m coordinator::context::ManifestEntry>, String> {
+    let mut p = path.to_string();
+    for _ in 0..32 {
+        match manifest.get(&p) {
+            Some(e) => match &e.kind {
+                EntryKind::Symlink { target } => {
+                    let base = p.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+                    p = if target.starts_with('/') {
+                        clean_source(target)
+                    } else {
+                        clean_source(&format!("{base}/{target}"))
+                    };
+                    if p.is_empty() {
+                        return Ok(None);
+                    }
+                }
+                _ => return Ok(Some(e)),
+            },
+            None => return Ok(None),
+        }
+    }
+    Err(format!("too many levels of symbolic links: {path}"))
+}
+
+/// The tree a context source path selects (`""` is the whole context). Symlinks named as
+/// the source are followed; symlinks below it are kept as links.
+pub fn context_tree(manifest: &ContextManifest, src: &str) -> Result<SourceTree, String> {
+    let clean = clean_source(src);
+    let name = clean.rsplit('/').next().unwrap_or("").to_string();
+    let mut entries = Vec::new();
+    let root_path = if clean.is_empty() {
+        entries.push(SrcEntry {
+            rel: String::new(),
+            kind: Kind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+        });
+        String::new()
+    } else {
+        let e =
+            follow_context(manifest, &clean)?.ok_or_else(|| format!("\"/{clean}\": not found"))?;
+        entries.push(SrcEntry {
+            rel: String::new(),
+            kind: entry_kind(e),
+            mode: e.mode,
+            uid: 0,
+            gid: 0,
+        });
+        e.path.clone()
+    };
+    if matches!(entries[0].kind, Kind::Dir) {
+        let prefix = if root_path.is_empty() {
+            String::new()
+        } else {
+            format!("{root_path}/")
+        };
+        for e in manifest.iter().filter(|e| e.path.starts_with(&prefix)) {
+            entries.push(SrcEntry {
+                rel: e.path[prefix.len()..].to_string(),
+                kind: entry_kind(e),
+                mode: e.mode,
+                uid: 0,
+                gid: 0,
+            });
+        }
+    }
+    Ok(SourceTree {
+        name,
+        path: clean,
+        entries,
+        keep_owner: false,
+    })
+}
+
+fn entry_kind(e: &coordinator::context::ManifestEntry) -> Kind {
+    match &e.kind {
+        EntryKind::Dir => Kind::Dir,
+        EntryKind::File { size, .. } => Kind::File(Content::Context(e.path.clone(), *size)),
+        EntryKind::Symlink { target } => Kind::Symlink(target.clone()),
+    }
+}
+
+/// Reads a tar archive from `GET /containers/{id}/archive` into a tree: the first entry
+/// is the root (named by its base name), the rest are below it.
+pub fn tar_tree(data: &[u8], src_path: &str) -> Result<SourceTree, String> {
+    let mut ar = tar::Archive::new(data);
+    let mut entries = Vec::new();
+    let mut root_name: Option<String> = None;
+    for entry in ar.entries().map_err(|e| e.to_string())? {
+        let mut entry = entry.map_err(|e| e.to_string())?;
+        let path = entry.path().map_err(|e| e.to_string())?;
+        let path = path.to_string_lossy().trim_end_matches('/').to_string();
+        let root = root_name.get_or_insert_with(|| path.clone()).clone();
+        let rel = if path == root {
+            String::new()
+        } else if let Some(r) = path.strip_prefix(&format!("{root}/")) {
+            r.to_string()
+        } else {
+            continue;
+        };
+        let h = entry.header();
+        let mode = h.mode().map_err(|e| e.to_string())? & 0o7777;
+        let uid = h.uid().map_err(|e| e.to_string())? as u32;
+        let gid = h.gid().map_err(|e| e.to_string())? as u32;
+        let link = || -> Result<String, String> {
+            Ok(entry
+                .link_name()
+                .map_err(|e| e.to_string())?
+                .map(|l| l.to_string_lossy().to_string())
+                .unwrap_or_default())
+        };
+        let kind = match h.entry_type() {
+            tar::EntryType::Directory => Kind::Dir,
+            tar::EntryType::Symlink => Kind::Symlink(link()?),
+            tar::EntryType::Link => {
+                let target = link()?;
+                let t = target.trim_end_matches('/');
+                Kind::Hardlink(t.strip_prefix(&format!("{root}/")).unwrap_or(t).to_string())
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let mut buf = Vec::new();
+                entry.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+                Kind::File(Content::Bytes(Arc::new(buf)))
+            }
+            // Devices, FIFOs and the like: BuildKit copies devices; skip the rest.
+            _ => continue,
+        };
+        entries.push(SrcEntry {
+            rel,
+            kind,
+            mode,
+            uid,
+            gid,
+        });
+    }
+    if entries.is_empty() {
+        return Err(format!("{src_path}: not found"));
+    }
+    let name = src_path
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    Ok(SourceTree {
+        name,
+        path: src_path.trim_start_matches('/').to_string(),
+        entries,
+        keep_owner: true,
+    })
+}
+
+/// A single file made by the executor (heredoc, URL download).
+pub fn bytes_tree(name: &str, data: Vec<u8>, mode: u32) -> SourceTree {
+    SourceTree {
+        name: name.to_string(),
+        path: name.to_string(),
+        entries: vec![SrcEntry {
+            rel: String::new(),
+            kind: Kind::File(Content::Bytes(Arc::new(data))),
+            mode,
+            uid: 0,
+            gid: 0,
+        }],
+        keep_owner: false,
+    }
+}
+
+/// A node to write into the image: an absolute path and what goes there.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub kind: Kind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Writes `nodes` (absolute path → node, parents sort before children) as a tar archive
+/// to `out`. Hard link targets are absolute paths here. Context files are read through
+/// `ctx` and must still have the size the manifest recorded.
+pub fn write_tar<W: std::io::Write>(
+    out: W,
+    nodes: &BTreeMap<String, Node>,
+    ctx: &dyn ContextFiles,
+) -> std::io::Result<W> {
+    let mut tar = tar::Builder::new(out);
+    for (path, n) in nodes {
+        let name = path.trim_start_matches('/');
+        if name.is_empty() {
+            continue;
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(n.mode);
+        h.set_uid(n.uid as u64);
+        h.set_gid(n.gid as u64);
+        h.set_mtime(0);
+        match &n.kind {
+            Kind::Dir => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                tar.append_data(&mut h, format!("{name}/"), std::io::empty())?;
+            }
+            Kind::Symlink(target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                tar.append_link(&mut h, name, target)?;
+            }
+            Kind::Hardlink(target) => {
+                h.set_entry_type(tar::EntryType::Link);
+                h.set_size(0);
+                tar.append_link(&mut h, name, target.trim_start_matches('/'))?;
+            }
+            Kind::File(Content::Bytes(b)) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(b.len() as u64);
+                tar.append_data(&mut h, name, b.as_slice())?;
+            }
+            Kind::File(Content::Context(p, size)) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(*size);
+                let reader = ctx.open(p)?;
+                // `take` plus the length check: a file that changed since the scan must
+                // not produce a corrupt archive.
+                let mut counted = CountingReader {
+                    inner: reader.take(*size),
+                    n: 0,
+                };
+                tar.append_data(&mut h, name, &mut counted)?;
+                if counted.n != *size {
+                    return Err(std::io::Error::other(format!(
+                        "context file {p} changed while building (expected {size} bytes, read {})",
+                        counted.n
+                    )));
+                }
+            }
+        }
+    }
+    tar.into_inner()
+}
+
+struct CountingReader<R> {
+    inner: R,
+    n: u64,
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let k = self.inner.read(buf)?;
+        self.n += k as u64;
+        Ok(k)
+    }
+}
