@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod commands;
+mod output;
+mod progress;
 
 #[derive(Parser)]
 #[command(name = "dbuild", version, about = "Cached, distributed Docker builds", long_about = None)]
@@ -20,6 +22,14 @@ enum Command {
     Parse(commands::parse::ParseArgs),
     /// Show the stages, their DAG, which will be built, their cache keys and context files.
     Plan(commands::plan::PlanArgs),
+    /// Build an image, like `docker build`: independent stages at the same time.
+    Submit(Box<commands::submit::SubmitArgs>),
+    /// Run a coordinator: plans builds and schedules their stages on workers.
+    Coordinator(commands::farm::CoordinatorArgs),
+    /// Run a worker: builds the stages a coordinator gives it on a Docker daemon.
+    Worker(commands::farm::WorkerArgs),
+    /// List the workers registered with a coordinator.
+    Workers(commands::farm::WorkersArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +44,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Parse(args) => commands::parse::run(args),
         Command::Plan(args) => commands::plan::run(args),
+        Command::Submit(args) => commands::submit::run(*args),
+        Command::Coordinator(args) => commands::farm::coordinator(args),
+        Command::Worker(args) => commands::farm::worker(args),
+        Command::Workers(args) => commands::farm::workers(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -174,6 +174,7 @@ impl WorkerPool {
             let _ = r.logs.send(StageLog {
                 stage: r.stage,
                 line,
+                placed_on: None,
             });
         }
     }
@@ -337,6 +338,10 @@ impl Executor for WorkerPool {
         "farm"
     }
 
+    fn places_stages(&self) -> bool {
+        true
+    }
+
     async fn resolve_image(&self, reference: &str, _pull: bool) -> Result<String, StageError> {
         // Workers pin images on their own daemons; the coordinator never talks to Docker.
         Ok(reference.to_string())
@@ -400,7 +405,8 @@ impl Executor for WorkerPool {
                 .unwrap_or_default();
             let _ = logs.send(StageLog {
                 stage: task.stage,
-                line: format!("placed on worker {worker}"),
+                line: String::new(),
+                placed_on: Some(worker.clone()),
             });
             if queue
                 .send(Assignment {
@@ -440,6 +446,7 @@ impl Executor for WorkerPool {
                         let _ = logs.send(StageLog {
                             stage: task.stage,
                             line: format!("{}; placing the stage again", e.message),
+                            placed_on: None,
                         });
                         continue;
                     }
@@ -462,13 +469,15 @@ impl WorkerPool {
 }
 
 /// What every stage of a plan must export for its consumers on other workers: the image
-/// for FROM consumers and the target, the copied paths for COPY --from and mount from=
+/// for FROM consumers and the target (when the client wants it back), the copied paths for COPY --from and mount from=
 /// consumers (the image when a path has wildcards).
-pub fn exports(plan: &crate::frontend::plan::Plan) -> BTreeMap<usize, Export> {
+pub fn exports(plan: &crate::frontend::plan::Plan, target_image: bool) -> BTreeMap<usize, Export> {
     use crate::frontend::instructions::Instruction;
     use crate::frontend::plan::StageRef;
     let mut out: BTreeMap<usize, Export> = BTreeMap::new();
-    out.entry(plan.target).or_default().image = true;
+    if target_image {
+        out.entry(plan.target).or_default().image = true;
+    }
     for s in plan.stages.iter().filter(|s| plan.built[s.index]) {
         if let StageRef::Stage(p) = s.base {
             out.entry(p).or_default().image = true;

@@ -58,7 +58,7 @@ pub struct BuildRequest {
 }
 
 /// Progress of a build. Serialized as `{"event": "stage_started", "stage": 0, ...}`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum BuildEvent {
     StageStarted {
@@ -256,7 +256,7 @@ impl Scheduler {
         let mut done: BTreeMap<usize, String> = BTreeMap::new();
         let mut results = BTreeMap::new();
         let mut cached = BTreeSet::new();
-        let mut running: JoinSet<(usize, Result<StageResult, StageError>)> = JoinSet::new();
+        let mut running: JoinSet<(usize, Result<StageResult, StageError>, String)> = JoinSet::new();
         let stages_cancel = cancel.child_token();
         let mut failure: Option<BuildError> = None;
         let ev = |e: BuildEvent| {
@@ -299,12 +299,17 @@ impl Scheduler {
                         break;
                     }
                     pending.remove(&i);
-                    ev(BuildEvent::StageStarted {
-                        stage: i,
-                        name: name(i),
-                        key: key_hex(i),
-                        worker: worker.clone(),
-                    });
+                    // An executor that places stages announces the worker it chose; the
+                    // stage starts (for progress) when it is placed.
+                    let places = self.executor.places_stages();
+                    if !places {
+                        ev(BuildEvent::StageStarted {
+                            stage: i,
+                            name: name(i),
+                            key: key_hex(i),
+                            worker: worker.clone(),
+                        });
+                    }
                     let task = stage_task(req, i);
                     let executor = Arc::clone(&self.executor);
                     let inputs = inputs.clone();
@@ -314,7 +319,18 @@ impl Scheduler {
                     let (n, k, w) = (name(i), key_hex(i), worker.clone());
                     running.spawn(async move {
                         // Forward logs here, so all of a stage's lines precede its result.
-                        let forward = |l: StageLog| {
+                        let mut w = w;
+                        let mut forward = |l: StageLog| {
+                            if let Some(placed) = l.placed_on {
+                                w = placed;
+                                let _ = events.send(BuildEvent::StageStarted {
+                                    stage: l.stage,
+                                    name: n.clone(),
+                                    key: k.clone(),
+                                    worker: w.clone(),
+                                });
+                                return;
+                            }
                             let _ = events.send(BuildEvent::Log {
                                 stage: l.stage,
                                 name: n.clone(),
@@ -325,17 +341,16 @@ impl Scheduler {
                         };
                         let run = executor.run_stage(task, inputs, log_tx, token);
                         tokio::pin!(run);
-                        loop {
+                        let r = loop {
                             tokio::select! {
-                                r = &mut run => {
-                                    while let Ok(l) = log_rx.try_recv() {
-                                        forward(l);
-                                    }
-                                    return (i, r);
-                                }
+                                r = &mut run => break r,
                                 Some(l) = log_rx.recv() => forward(l),
                             }
+                        };
+                        while let Ok(l) = log_rx.try_recv() {
+                            forward(l);
                         }
+                        (i, r, w)
                     });
                 }
                 // Stages that became ready through cache hits: go round again.
@@ -361,7 +376,7 @@ impl Scheduler {
                 }
             };
             let Some(joined) = joined else { break };
-            let (i, result) = match joined {
+            let (i, result, placed) = match joined {
                 Ok(r) => r,
                 Err(e) => {
                     failure.get_or_insert(BuildError::Stage {
@@ -379,7 +394,7 @@ impl Scheduler {
                         stage: i,
                         name: name(i),
                         key: key_hex(i),
-                        worker: worker.clone(),
+                        worker: placed,
                         image_id: r.image_id.clone(),
                         executed: r.executed,
                         reused: r.reused,
@@ -395,7 +410,7 @@ impl Scheduler {
                         stage: i,
                         name: name(i),
                         key: key_hex(i),
-                        worker: worker.clone(),
+                        worker: placed,
                         error: error.message.clone(),
                         line: error.line,
                         log_tail: error.log_tail.clone(),

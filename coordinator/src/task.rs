@@ -139,6 +139,10 @@ pub struct BuildInputs {
 pub struct StageLog {
     pub stage: usize,
     pub line: String,
+    /// Set once, by an executor that places stages on workers, when it has chosen one:
+    /// progress then names that worker.
+    #[serde(default)]
+    pub placed_on: Option<String>,
 }
 
 /// Why a stage failed.
@@ -180,6 +184,12 @@ impl StageError {
 pub trait Executor: Send + Sync {
     /// A short name for progress events (the worker's name).
     fn name(&self) -> &str;
+
+    /// True for an executor that places each stage on one of several workers: it sends a
+    /// [`StageLog`] with `placed_on` once it has chosen, and progress names that worker.
+    fn places_stages(&self) -> bool {
+        false
+    }
 
     /// Pins an external image reference to an immutable id, pulling it when it is missing
     /// (always when `pull`). The error says which image is missing and how to provide it.

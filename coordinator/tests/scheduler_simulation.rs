@@ -60,6 +60,7 @@ impl Executor for SimulatedExecutor {
         let _ = logs.send(StageLog {
             stage: task.stage,
             line: format!("hello from {name}"),
+            placed_on: None,
         });
         let ms = self.ms.get(&name).copied().unwrap_or(50);
         let outcome = tokio::select! {

@@ -1,2 +1,5 @@
+pub mod farm;
 pub mod parse;
 pub mod plan;
+pub mod remote;
+pub mod submit;

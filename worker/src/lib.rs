@@ -5,3 +5,4 @@
 pub mod executor;
 
 pub use executor::DockerExecutor;
+pub mod farm;

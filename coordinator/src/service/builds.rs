@@ -145,7 +145,8 @@ impl BuildService for BuildServer {
             &target_key.to_hex()[..12]
         );
         let plan = Arc::new(plan);
-        self.pool.set_exports(&build_id, exports(&plan));
+        self.pool
+            .set_exports(&build_id, exports(&plan, r.export_image));
         let manifest = Arc::new(manifest);
         let inputs = BuildInputs {
             manifest: Arc::clone(&manifest),

@@ -244,12 +244,14 @@ impl DockerExecutor {
                 let _ = logs.send(StageLog {
                     stage: task.stage,
                     line: format!("# ONBUILD {}", trigger.keyword()),
+                    placed_on: None,
                 });
                 self.execute(&mut st, &trigger, &no_args, None).await?;
             }
             let _ = logs.send(StageLog {
                 stage: task.stage,
                 line: format!("# {}", ti.source),
+                placed_on: None,
             });
             self.execute(&mut st, &ti.raw, &ti.args, Some(ti))
                 .await

@@ -385,6 +385,7 @@ pub async fn run_container(
                 let _ = logs.send(StageLog {
                     stage,
                     line: line.clone(),
+                    placed_on: None,
                 });
                 if tail.len() == TAIL_LINES {
                     tail.pop_front();

@@ -1,0 +1,141 @@
+//! `dbuild coordinator`, `dbuild worker` and `dbuild workers`: running and inspecting a farm.
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use proto::v1::ListWorkersRequest;
+use tokio_util::sync::CancellationToken;
+use worker::farm::{run_worker, Clients, WorkerConfig};
+
+#[derive(clap::Args)]
+pub struct CoordinatorArgs {
+    /// Address to serve gRPC on.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+    /// Where the coordinator keeps its blob store (and, later, its index).
+    #[arg(long, env = "DBUILD_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Require this bearer token on every RPC.
+    #[arg(long, env = "DBUILD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    /// The coordinator's URL, e.g. http://10.0.0.5:7700.
+    #[arg(long, env = "DBUILD_COORDINATOR")]
+    pub coordinator: String,
+    /// This worker's name (unique in the farm).
+    #[arg(long)]
+    pub name: String,
+    /// Stages run at the same time.
+    #[arg(long, default_value_t = 1)]
+    pub slots: usize,
+    /// Local blob cache and scratch space.
+    #[arg(long, env = "DBUILD_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// The Docker daemon this worker drives.
+    #[arg(long, env = "DOCKER_HOST")]
+    pub docker_host: Option<String>,
+    #[arg(long, env = "DBUILD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub struct WorkersArgs {
+    #[arg(
+        long,
+        env = "DBUILD_COORDINATOR",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    pub coordinator: String,
+    #[arg(long, env = "DBUILD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn ctrl_c_token() -> CancellationToken {
+    let t = CancellationToken::new();
+    let c = t.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            c.cancel();
+        }
+    });
+    t
+}
+
+pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        std::fs::create_dir_all(&args.data_dir)
+            .with_context(|| format!("creating {}", args.data_dir.display()))?;
+        let listener = coordinator::service::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        // Scripts and tests wait for this line.
+        println!("dbuild coordinator listening on {addr}");
+        std::io::stdout().flush()?;
+        let stop = ctrl_c_token();
+        coordinator::service::serve(listener, &args.data_dir, args.token, async move {
+            stop.cancelled().await
+        })
+        .await?;
+        Ok(())
+    })
+}
+
+pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        std::fs::create_dir_all(&args.data_dir)
+            .with_context(|| format!("creating {}", args.data_dir.display()))?;
+        let address = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        let cfg = WorkerConfig {
+            coordinator: args.coordinator,
+            name: args.name,
+            slots: args.slots.max(1),
+            data_dir: args.data_dir,
+            docker_host: args.docker_host,
+            token: args.token,
+            address,
+        };
+        run_worker(cfg, ctrl_c_token()).await?;
+        Ok(())
+    })
+}
+
+pub fn workers(args: WorkersArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let mut clients = Clients::connect(&args.coordinator, args.token).await?;
+        let list = clients
+            .builds
+            .list_workers(ListWorkersRequest {})
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message()))?
+            .into_inner()
+            .workers;
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "{:<20} {:<24} {:>5} {:>7}  STATE",
+            "NAME", "ADDRESS", "SLOTS", "RUNNING"
+        )?;
+        for w in list {
+            writeln!(
+                out,
+                "{:<20} {:<24} {:>5} {:>7}  {}",
+                w.name, w.address, w.slots, w.running, w.state
+            )?;
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,185 @@
+//! `dbuild submit --coordinator URL`: the same build on a farm. The client uploads only the
+//! context blobs the coordinator lacks, streams the events, and brings the final image back.
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use coordinator::analysis::Analysis;
+use coordinator::context::EntryKind;
+use coordinator::digest::BlobDigest;
+use coordinator::scheduler::BuildEvent;
+use coordinator::service::content::{pb_digest, receive_blob, upload_chunks};
+use coordinator::service::workers::document;
+use proto::v1::{DownloadBlobRequest, MissingBlobsRequest, SubmitRequest};
+use tokio_stream::wrappers::ReceiverStream;
+use worker::farm::Clients;
+
+use super::submit::{failure_message, SubmitArgs};
+use crate::output::{self, Output};
+use crate::progress;
+
+pub async fn submit(
+    args: &SubmitArgs,
+    url: &str,
+    dockerfile: &Path,
+    analysis: Analysis,
+    secrets: BTreeMap<String, Vec<u8>>,
+    out: &Output,
+) -> anyhow::Result<()> {
+    let mut clients = Clients::connect(url, args.token.clone()).await?;
+    // Upload the context files the built stages use, and only those the store lacks.
+    let mut wanted: BTreeMap<BlobDigest, String> = BTreeMap::new();
+    for k in analysis
+        .keys
+        .iter()
+        .filter(|k| analysis.plan.built[k.index])
+    {
+        for p in &k.context_files {
+            if let Some(EntryKind::File { digest, .. }) = analysis.manifest.get(p).map(|e| &e.kind)
+            {
+                wanted.insert(*digest, p.clone());
+            }
+        }
+    }
+    let missing = clients
+        .content
+        .missing_blobs(MissingBlobsRequest {
+            digests: wanted.keys().map(pb_digest).collect(),
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))?
+        .into_inner()
+        .missing;
+    let mut uploaded = 0u64;
+    for m in &missing {
+        let d = BlobDigest::from_hex(&m.hex).context("coordinator sent a bad digest")?;
+        let path = args.context.join(&wanted[&d]);
+        let f =
+            std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
+        let size = f.metadata()?.len();
+        clients
+            .content
+            .upload_blob(ReceiverStream::new(upload_chunks(d, size, f)))
+            .await
+            .map_err(|e| anyhow::anyhow!("uploading {}: {}", path.display(), e.message()))?;
+        uploaded += size;
+    }
+    tracing::info!(files = missing.len(), bytes = uploaded, "context uploaded");
+
+    let request = SubmitRequest {
+        dockerfile: std::fs::read(dockerfile)?,
+        dockerfile_path: dockerfile.display().to_string(),
+        manifest: Some(document("ContextManifest/1", &analysis.manifest)),
+        target: args.target.clone(),
+        build_args: super::plan::parse_build_args(&args.build_args)?
+            .into_iter()
+            .collect(),
+        no_cache: args.no_cache,
+        no_cache_filter: Vec::new(),
+        pull: args.pull,
+        secrets: secrets.into_iter().collect(),
+        export_image: *out != Output::None,
+        platform: analysis.plan.platform.to_string(),
+    };
+    let mut stream = clients
+        .builds
+        .submit(request)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))?
+        .into_inner();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let renderer = tokio::spawn(progress::render(args.progress, Arc::new(analysis.plan), rx));
+    let mut failed: Option<BuildEvent> = None;
+    let mut finished: Option<BuildEvent> = None;
+    let mut image_blob: Option<BlobDigest> = None;
+    while let Some(msg) = stream
+        .message()
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))?
+    {
+        let v: serde_json::Value = serde_json::from_slice(&msg.json)?;
+        if v["event"] == "target_image" {
+            image_blob = v["digest"].as_str().and_then(BlobDigest::from_hex);
+            continue;
+        }
+        let e: BuildEvent = serde_json::from_value(v)?;
+        match &e {
+            BuildEvent::StageFailed { .. } if failed.is_none() => failed = Some(e.clone()),
+            BuildEvent::BuildFinished { .. } => finished = Some(e.clone()),
+            _ => {}
+        }
+        let _ = tx.send(e);
+    }
+    drop(tx);
+    let _ = renderer.await;
+    match (finished, failed) {
+        (
+            Some(BuildEvent::BuildFinished {
+                ok: true, image_id, ..
+            }),
+            _,
+        ) => deliver(&mut clients, args, out, image_blob, image_id).await,
+        (
+            _,
+            Some(BuildEvent::StageFailed {
+                name,
+                stage,
+                error,
+                line,
+                log_tail,
+                ..
+            }),
+        ) => bail!(failure_message(
+            &name.unwrap_or_else(|| format!("stage-{stage}")),
+            dockerfile,
+            line,
+            &error,
+            &log_tail
+        )),
+        _ => bail!("the coordinator ended the build without a result"),
+    }
+}
+
+async fn deliver(
+    clients: &mut Clients,
+    args: &SubmitArgs,
+    out: &Output,
+    blob: Option<BlobDigest>,
+    image_id: Option<String>,
+) -> anyhow::Result<()> {
+    if *out == Output::None {
+        return Ok(());
+    }
+    let blob = blob.context("the coordinator did not export the final image")?;
+    let stream = clients
+        .content
+        .download_blob(DownloadBlobRequest {
+            digest: Some(pb_digest(&blob)),
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))?
+        .into_inner();
+    let mut tar = Vec::new();
+    receive_blob(stream, &mut tar)
+        .await
+        .map_err(|e| anyhow::anyhow!("downloading the image: {}", e.message()))?;
+    match out {
+        Output::Tar(dest) => {
+            std::fs::write(dest, &tar).with_context(|| format!("writing {}", dest.display()))?
+        }
+        Output::Docker => {
+            let docker = output::connect(args.docker_host.as_deref()).await?;
+            output::load(&docker, tar).await?;
+            if let Some(id) = &image_id {
+                output::deliver(args.docker_host.as_deref(), out, id, &args.tags).await?;
+            }
+        }
+        Output::None => {}
+    }
+    if let (Some(path), Some(id)) = (&args.iidfile, &image_id) {
+        std::fs::write(path, id)
+            .with_context(|| format!("writing --iidfile {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,246 @@
+//! `dbuild submit`: the flags of `docker build`, run by the embedded scheduler and the
+//! local Docker executor (one process, the same pieces a farm runs).
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use coordinator::analysis::{analyze, AnalysisRequest};
+use coordinator::frontend::plan::{PlanOptions, Platform};
+use coordinator::keys::{compute_keys, Unresolved};
+use coordinator::scheduler::{external_images, BuildError, BuildRequest, PinnedImages, Scheduler};
+use coordinator::task::{BuildInputs, Executor, LocalContext};
+use tokio_util::sync::CancellationToken;
+
+use super::plan::{data_dir, parse_build_args};
+use crate::output::{self, Output};
+use crate::progress::{self, ProgressMode};
+
+#[derive(clap::Args)]
+pub struct SubmitArgs {
+    /// The build context directory.
+    #[arg(default_value = ".")]
+    pub context: PathBuf,
+    /// The Dockerfile (default: CONTEXT/Dockerfile).
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<PathBuf>,
+    /// Name and optionally a tag for the final image (repeatable).
+    #[arg(short = 't', long = "tag")]
+    pub tags: Vec<String>,
+    /// The stage to build (default: the last stage).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// A build argument, KEY=VALUE (or KEY to take the value from the environment).
+    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+    pub build_args: Vec<String>,
+    /// A secret for RUN --mount=type=secret: id=ID,src=PATH (or env=VAR).
+    #[arg(long = "secret", value_name = "id=ID,src=PATH")]
+    pub secrets: Vec<String>,
+    /// Run every instruction again, reusing nothing.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Pull base images even when the daemon has them.
+    #[arg(long)]
+    pub pull: bool,
+    /// auto, plain, tty or json (one event object per line on stdout).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub progress: ProgressMode,
+    /// type=docker (default: load into the local daemon), type=tar,dest=PATH, type=none.
+    #[arg(short = 'o', long = "output", default_value = "type=docker")]
+    pub output: String,
+    /// Write the final image id to this file.
+    #[arg(long)]
+    pub iidfile: Option<PathBuf>,
+    /// Stages built at the same time (default: the number of cores).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// Docker daemon to build on (default: DOCKER_HOST or the local socket).
+    #[arg(long, env = "DOCKER_HOST")]
+    pub docker_host: Option<String>,
+    /// Where dbuild keeps its stat cache and store.
+    #[arg(long, env = "DBUILD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Build on a farm: the coordinator's URL. Without it, dbuild runs an embedded
+    /// coordinator and one worker on the local daemon.
+    #[arg(long, env = "DBUILD_COORDINATOR")]
+    pub coordinator: Option<String>,
+    #[arg(long, env = "DBUILD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// `--secret id=ID,src=PATH` / `id=ID,env=VAR` → id → bytes.
+pub(crate) fn read_secrets(raw: &[String]) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
+    let mut out = BTreeMap::new();
+    for spec in raw {
+        let mut id = None;
+        let mut src = None;
+        let mut env = None;
+        for field in spec.split(',') {
+            match field.split_once('=') {
+                Some(("id", v)) => id = Some(v.to_string()),
+                Some(("src" | "source", v)) => src = Some(PathBuf::from(v)),
+                Some(("env", v)) => env = Some(v.to_string()),
+                Some(("type", "file" | "env")) => {}
+                _ => bail!("--secret {spec:?}: expected id=ID,src=PATH or id=ID,env=VAR"),
+            }
+        }
+        let id = match (id, &src, &env) {
+            (Some(id), _, _) => id,
+            (None, Some(p), _) => p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            (None, None, Some(e)) => e.clone(),
+            _ => bail!("--secret {spec:?}: give id=ID"),
+        };
+        let bytes = match (src, env) {
+            (Some(p), _) => std::fs::read(&p)
+                .with_context(|| format!("--secret id={id}: cannot read {}", p.display()))?,
+            (None, Some(e)) => std::env::var(&e)
+                .with_context(|| format!("--secret id={id}: environment variable {e} is not set"))?
+                .into_bytes(),
+            (None, None) => std::env::var(&id)
+                .with_context(|| format!("--secret id={id}: give src=PATH or env=VAR"))?
+                .into_bytes(),
+        };
+        out.insert(id, bytes);
+    }
+    Ok(out)
+}
+
+pub fn run(args: SubmitArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(submit(args))
+}
+
+async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
+    let output = Output::parse(&args.output)?;
+    let dockerfile = args
+        .file
+        .clone()
+        .unwrap_or_else(|| args.context.join("Dockerfile"));
+    if !args.context.is_dir() {
+        bail!(
+            "build context {} is not a directory (give the directory holding your sources)",
+            args.context.display()
+        );
+    }
+    let data = data_dir(args.data_dir.clone());
+    let secrets = read_secrets(&args.secrets)?;
+    let req = AnalysisRequest {
+        context_dir: &args.context,
+        dockerfile: &dockerfile,
+        options: PlanOptions {
+            target: args.target.clone(),
+            build_args: parse_build_args(&args.build_args)?,
+            platform: Platform::host(),
+        },
+        stat_cache: coordinator::context::stat_cache_path(&data, &args.context).ok(),
+    };
+    let context_dir = args.context.clone();
+    let analysis = tokio::task::block_in_place(|| analyze(&req, &Unresolved))?;
+    if let Some(url) = args.coordinator.clone() {
+        return super::remote::submit(&args, &url, &dockerfile, analysis, secrets, &output).await;
+    }
+    let escape = analysis.plan.escape;
+
+    let executor: Arc<dyn Executor> = Arc::new(
+        worker::DockerExecutor::connect(args.docker_host.as_deref(), "local")
+            .await
+            .context("connecting to the Docker daemon")?,
+    );
+    // Pin every external image once; the pinned ids enter the keys.
+    let mut pinned = PinnedImages::default();
+    for reference in external_images(&analysis.plan) {
+        if reference.eq_ignore_ascii_case("scratch") {
+            continue;
+        }
+        let id = executor
+            .resolve_image(&reference, args.pull)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        pinned.0.insert(reference, id);
+    }
+    let keys = compute_keys(&analysis.plan, &analysis.manifest, &pinned);
+    let plan = Arc::new(analysis.plan);
+    let request = BuildRequest {
+        build_id: format!("{}-{}", std::process::id(), keys[plan.target].key.to_hex()),
+        plan: Arc::clone(&plan),
+        keys: Arc::new(keys),
+        pinned,
+        escape,
+        no_cache: args.no_cache,
+    };
+    let inputs = BuildInputs {
+        manifest: Arc::new(analysis.manifest),
+        context: Arc::new(LocalContext { root: context_dir }),
+        secrets: Arc::new(secrets),
+    };
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let scheduler = Scheduler::new(Arc::clone(&executor), jobs);
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let renderer = tokio::spawn(progress::render(
+        args.progress,
+        Arc::clone(&plan),
+        events_rx,
+    ));
+    let cancel = CancellationToken::new();
+    let on_ctrl_c = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            on_ctrl_c.cancel();
+        }
+    });
+    let result = scheduler.run(&request, inputs, events_tx, cancel).await;
+    let _ = renderer.await;
+    let outcome = match result {
+        Ok(o) => o,
+        Err(BuildError::Cancelled) => bail!("build cancelled"),
+        Err(BuildError::Stage { name, error, .. }) => {
+            bail!(failure_message(
+                &name,
+                &dockerfile,
+                error.line,
+                &error.message,
+                &error.log_tail
+            ))
+        }
+    };
+    output::deliver(
+        args.docker_host.as_deref(),
+        &output,
+        &outcome.image_id,
+        &args.tags,
+    )
+    .await?;
+    if let Some(path) = &args.iidfile {
+        std::fs::write(path, &outcome.image_id)
+            .with_context(|| format!("writing --iidfile {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The one message a failed build ends with: stage, Dockerfile line, error, last log lines.
+pub(crate) fn failure_message(
+    stage: &str,
+    dockerfile: &std::path::Path,
+    line: Option<usize>,
+    error: &str,
+    log_tail: &[String],
+) -> String {
+    let mut msg = format!("stage {stage} failed");
+    if let Some(line) = line {
+        msg.push_str(&format!(" at {}:{line}", dockerfile.display()));
+    }
+    msg.push_str(&format!(": {error}"));
+    if !log_tail.is_empty() {
+        msg.push_str("\n--- last lines of its log ---\n");
+        msg.push_str(&log_tail.join("\n"));
+    }
+    msg
+}

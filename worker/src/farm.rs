@@ -1,0 +1,741 @@
+//! A worker of the farm: registers with the coordinator, renews its lease, runs the stage
+//! tasks it is given with the local [`DockerExecutor`], and moves artifacts: it imports
+//! what it lacks before a stage (images by `docker load`, copied paths as an image of just
+//! those paths) and exports what consumers need after it. It never opens the cache index.
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder,
+    ImportImageOptionsBuilder, ListImagesOptionsBuilder, RemoveContainerOptionsBuilder,
+};
+use bollard::Docker;
+use coordinator::context::ContextManifest;
+use coordinator::digest::BlobDigest;
+use coordinator::frontend::instructions::{Instruction, MountType};
+use coordinator::keys::{match_sources, StageKey};
+use coordinator::service::content::{pb_digest, receive_blob, upload_chunks};
+use coordinator::service::workers::{artifact, document, from_document, pb_artifact};
+use coordinator::store::BlobStore;
+use coordinator::task::{
+    stage_image_tag, BuildInputs, ContextFiles, Executor, StageError, StageLog, StageTask,
+    TaskBase, TaskSource,
+};
+use futures::StreamExt;
+use proto::v1::build_service_client::BuildServiceClient;
+use proto::v1::content_service_client::ContentServiceClient;
+use proto::v1::worker_service_client::WorkerServiceClient;
+use proto::v1::{
+    task_report, DownloadBlobRequest, HeartbeatRequest, MissingBlobsRequest, RegisterRequest,
+    TaskAssignment, TaskLog, TaskReport, TasksRequest,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::DockerExecutor;
+
+/// How a worker is started (`dbuild worker ...`).
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub coordinator: String,
+    pub name: String,
+    pub slots: usize,
+    pub data_dir: PathBuf,
+    pub docker_host: Option<String>,
+    pub token: Option<String>,
+    /// How the worker describes itself in `dbuild workers` (host name by default).
+    pub address: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot reach the coordinator at {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error("coordinator refused: {0}")]
+    Rpc(#[from] tonic::Status),
+    #[error("docker: {0}")]
+    Docker(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Adds `authorization: Bearer <token>` to every request when a token is set.
+#[derive(Clone)]
+pub struct Bearer(Option<String>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            let v = format!("Bearer {t}")
+                .parse()
+                .map_err(|_| tonic::Status::invalid_argument("token is not a valid header"))?;
+            req.metadata_mut().insert("authorization", v);
+        }
+        Ok(req)
+    }
+}
+
+pub type Workers = WorkerServiceClient<InterceptedService<Channel, Bearer>>;
+pub type Content = ContentServiceClient<InterceptedService<Channel, Bearer>>;
+pub type Builds = BuildServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// The clients a worker or a farm client needs, sharing one channel.
+#[derive(Clone)]
+pub struct Clients {
+    pub workers: Workers,
+    pub content: Content,
+    pub builds: Builds,
+}
+
+impl Clients {
+    pub async fn connect(url: &str, token: Option<String>) -> Result<Self, WorkerError> {
+        let channel = Channel::from_shared(url.to_string())
+            .map_err(|e| WorkerError::Connect {
+                url: url.into(),
+                message: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .map_err(|e| WorkerError::Connect {
+                url: url.into(),
+                message: e.to_string(),
+            })?;
+        let bearer = Bearer(token);
+        Ok(Clients {
+            workers: WorkerServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            content: ContentServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            builds: BuildServiceClient::with_interceptor(channel, bearer),
+        })
+    }
+}
+
+/// Uploads a file as a blob unless the store has it; returns its digest and size.
+pub async fn upload_file(
+    content: &mut Content,
+    path: &Path,
+) -> Result<(BlobDigest, u64), WorkerError> {
+    let p = path.to_path_buf();
+    let (digest, size) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        let mut h = blake3::Hasher::new();
+        let f = std::fs::File::open(&p)?;
+        let size = f.metadata()?.len();
+        h.update_reader(f)?;
+        Ok((BlobDigest::from(h.finalize()), size))
+    })
+    .await
+    .map_err(|e| WorkerError::Io(e.to_string()))?
+    .map_err(|e| WorkerError::Io(format!("{}: {e}", path.display())))?;
+    let missing = content
+        .missing_blobs(MissingBlobsRequest {
+            digests: vec![pb_digest(&digest)],
+        })
+        .await?
+        .into_inner()
+        .missing;
+    if !missing.is_empty() {
+        let f = std::fs::File::open(path).map_err(|e| WorkerError::Io(e.to_string()))?;
+        content
+            .upload_blob(tokio_stream::wrappers::ReceiverStream::new(upload_chunks(
+                digest, size, f,
+            )))
+            .await?;
+    }
+    Ok((digest, size))
+}
+
+/// Downloads a blob into the local blob cache (verified on receipt).
+pub async fn download_to(
+    content: &mut Content,
+    blobs: &BlobStore,
+    digest: &BlobDigest,
+) -> Result<(), WorkerError> {
+    if blobs.contains(digest) {
+        return Ok(());
+    }
+    let stream = content
+        .download_blob(DownloadBlobRequest {
+            digest: Some(pb_digest(digest)),
+        })
+        .await?
+        .into_inner();
+    let mut w = blobs
+        .writer(Some(*digest))
+        .map_err(|e| WorkerError::Io(e.to_string()))?;
+    struct Sink<'a>(&'a mut coordinator::store::BlobWriter);
+    impl Write for Sink<'_> {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.write(b)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    receive_blob(stream, &mut Sink(&mut w)).await?;
+    w.commit().map_err(|e| WorkerError::Io(e.to_string()))?;
+    Ok(())
+}
+
+/// Context files served from the worker's local blob cache.
+struct CachedContext {
+    blobs: BlobStore,
+    manifest: Arc<ContextManifest>,
+}
+
+impl ContextFiles for CachedContext {
+    fn open(&self, path: &str) -> std::io::Result<Box<dyn Read + Send>> {
+        let d = self
+            .manifest
+            .get(path)
+            .and_then(|e| e.digest())
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, path.to_string()))?;
+        let bytes = self
+            .blobs
+            .read(&d)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(Box::new(std::io::Cursor::new(bytes)))
+    }
+}
+
+/// The context files a task reads (COPY/ADD and bind mounts from the context).
+fn needed_context_blobs(task: &StageTask, manifest: &ContextManifest) -> Vec<BlobDigest> {
+    let mut out = Vec::new();
+    for ti in &task.instructions {
+        match &ti.instruction {
+            Instruction::Copy(c) | Instruction::Add(c) if ti.copy_from.is_none() => {
+                let srcs: Vec<&str> = c.sources.iter().map(String::as_str).collect();
+                out.extend(
+                    match_sources(manifest, &srcs, &c.excludes)
+                        .0
+                        .iter()
+                        .filter_map(|e| e.digest()),
+                );
+            }
+            Instruction::Run(r) => {
+                for (m, from) in r.mounts.iter().zip(&ti.mount_from) {
+                    if m.kind == MountType::Bind && from.is_none() {
+                        let src = m.source.as_deref().unwrap_or(".");
+                        out.extend(
+                            match_sources(manifest, &[src], &[])
+                                .0
+                                .iter()
+                                .filter_map(|e| e.digest()),
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Runs a worker until `shutdown` is cancelled or the coordinator goes away for good.
+pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    let executor = Arc::new(
+        DockerExecutor::connect(cfg.docker_host.as_deref(), &cfg.name)
+            .await
+            .map_err(|e| WorkerError::Docker(e.message))?,
+    );
+    let docker = connect_docker(cfg.docker_host.as_deref()).await?;
+    let blobs =
+        BlobStore::open(&cfg.data_dir.join("blobs")).map_err(|e| WorkerError::Io(e.to_string()))?;
+    let mut clients = Clients::connect(&cfg.coordinator, cfg.token.clone()).await?;
+    let reg = clients
+        .workers
+        .register(RegisterRequest {
+            name: cfg.name.clone(),
+            address: cfg.address.clone(),
+            slots: cfg.slots as u32,
+            held_stage_keys: held_stage_keys(&docker).await,
+        })
+        .await?
+        .into_inner();
+    tracing::info!(worker = %cfg.name, coordinator = %cfg.coordinator, "registered");
+    let running: Arc<Mutex<BTreeMap<String, CancellationToken>>> = Arc::default();
+
+    // Heartbeats renew the lease and carry cancels back.
+    let hb_running = Arc::clone(&running);
+    let mut hb_client = clients.workers.clone();
+    let worker_id = reg.worker_id.clone();
+    let interval = Duration::from_millis(reg.heartbeat_interval_ms.max(100) as u64);
+    let hb_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = hb_shutdown.cancelled() => return,
+            }
+            let ids: Vec<String> = hb_running.lock().unwrap().keys().cloned().collect();
+            match hb_client
+                .heartbeat(HeartbeatRequest {
+                    worker_id: worker_id.clone(),
+                    running_task_ids: ids,
+                })
+                .await
+            {
+                Ok(r) => {
+                    for id in r.into_inner().cancel_task_ids {
+                        if let Some(t) = hb_running.lock().unwrap().get(&id) {
+                            t.cancel();
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+            }
+        }
+    });
+
+    let mut tasks = clients
+        .workers
+        .tasks(TasksRequest {
+            worker_id: reg.worker_id.clone(),
+        })
+        .await?
+        .into_inner();
+    loop {
+        let next = tokio::select! {
+            m = tasks.message() => m?,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        let Some(assignment) = next else {
+            return Err(WorkerError::Connect {
+                url: cfg.coordinator.clone(),
+                message: "the coordinator closed the task stream".into(),
+            });
+        };
+        let token = shutdown.child_token();
+        running
+            .lock()
+            .unwrap()
+            .insert(assignment.task_id.clone(), token.clone());
+        let ctx = TaskCtx {
+            executor: Arc::clone(&executor),
+            docker: docker.clone(),
+            blobs: blobs.clone(),
+            clients: clients.clone(),
+            worker_id: reg.worker_id.clone(),
+            scratch: cfg.data_dir.join("tmp"),
+        };
+        let running = Arc::clone(&running);
+        tokio::spawn(async move {
+            let id = assignment.task_id.clone();
+            ctx.handle(assignment, token).await;
+            running.lock().unwrap().remove(&id);
+        });
+    }
+}
+
+/// Connects to the worker's daemon at a version it speaks.
+pub async fn connect_docker(host: Option<&str>) -> Result<Docker, WorkerError> {
+    let d = match host {
+        Some(h) => Docker::connect_with_host(h),
+        None => Docker::connect_with_local_defaults(),
+    }
+    .map_err(|e| WorkerError::Docker(e.to_string()))?;
+    d.with_timeout(Duration::from_secs(600))
+        .negotiate_version()
+        .await
+        .map_err(|e| WorkerError::Docker(e.to_string()))
+}
+
+/// Stage keys whose images this daemon holds (tagged `dbuild-stage:<key>`).
+async fn held_stage_keys(docker: &Docker) -> Vec<String> {
+    let opts = ListImagesOptionsBuilder::default()
+        .filters(&std::collections::HashMap::from([(
+            "reference",
+            vec!["dbuild-stage"],
+        )]))
+        .build();
+    docker
+        .list_images(Some(opts))
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|i| i.repo_tags)
+        .filter_map(|t| t.strip_prefix("dbuild-stage:").map(str::to_string))
+        .collect()
+}
+
+struct TaskCtx {
+    executor: Arc<DockerExecutor>,
+    docker: Docker,
+    blobs: BlobStore,
+    clients: Clients,
+    worker_id: String,
+    scratch: PathBuf,
+}
+
+impl TaskCtx {
+    async fn handle(mut self, a: TaskAssignment, cancel: CancellationToken) {
+        let task_id = a.task_id.clone();
+        let (log_tx, mut log_rx) = tokio::sync::mpsc::unbounded_channel::<StageLog>();
+        let (line_tx, line_rx) = tokio::sync::mpsc::channel::<TaskLog>(256);
+        let mut log_client = self.clients.workers.clone();
+        let streamer = tokio::spawn(async move {
+            let _ = log_client
+                .stream_logs(tokio_stream::wrappers::ReceiverStream::new(line_rx))
+                .await;
+        });
+        let (wid, tid) = (self.worker_id.clone(), task_id.clone());
+        let forwarder = tokio::spawn(async move {
+            while let Some(l) = log_rx.recv().await {
+                let _ = line_tx
+                    .send(TaskLog {
+                        worker_id: wid.clone(),
+                        task_id: tid.clone(),
+                        line: l.line,
+                    })
+                    .await;
+            }
+        });
+        let outcome = self.run(&a, log_tx, cancel).await;
+        let _ = forwarder.await;
+        let _ = streamer.await;
+        let report = match outcome {
+            Ok((result, artifacts)) => TaskReport {
+                worker_id: self.worker_id.clone(),
+                task_id,
+                outcome: Some(task_report::Outcome::Result(document(
+                    "StageResult/1",
+                    &result,
+                ))),
+                artifacts: artifacts.iter().map(pb_artifact).collect(),
+            },
+            Err(e) => TaskReport {
+                worker_id: self.worker_id.clone(),
+                task_id,
+                outcome: Some(task_report::Outcome::Error(document("StageError/1", &e))),
+                artifacts: Vec::new(),
+            },
+        };
+        if let Err(e) = self.clients.workers.report_result(report).await {
+            tracing::error!(error = %e, "could not report a result");
+        }
+    }
+
+    async fn run(
+        &mut self,
+        a: &TaskAssignment,
+        logs: tokio::sync::mpsc::UnboundedSender<StageLog>,
+        cancel: CancellationToken,
+    ) -> Result<
+        (
+            coordinator::task::StageResult,
+            Vec<coordinator::pool::Artifact>,
+        ),
+        StageError,
+    > {
+        let rpc = |e: tonic::Status| StageError::new(e.message().to_string());
+        let wrk = |e: WorkerError| StageError::new(e.to_string());
+        let mut task: StageTask = from_document("StageTask/1", a.task.as_ref()).map_err(rpc)?;
+        let manifest: ContextManifest =
+            from_document("ContextManifest/1", a.manifest.as_ref()).map_err(rpc)?;
+        let moved_in = Instant::now();
+        self.import(&mut task, a).await?;
+        for d in needed_context_blobs(&task, &manifest) {
+            download_to(&mut self.clients.content, &self.blobs, &d)
+                .await
+                .map_err(wrk)?;
+        }
+        let _ = logs.send(StageLog {
+            stage: task.stage,
+            line: format!("inputs ready in {:.1}s", moved_in.elapsed().as_secs_f64()),
+            placed_on: None,
+        });
+        let manifest = Arc::new(manifest);
+        let inputs = BuildInputs {
+            manifest: Arc::clone(&manifest),
+            context: Arc::new(CachedContext {
+                blobs: self.blobs.clone(),
+                manifest,
+            }),
+            secrets: Arc::new(a.secrets.clone().into_iter().collect()),
+        };
+        let result = self
+            .executor
+            .run_stage(task.clone(), inputs, logs, cancel)
+            .await?;
+        let artifacts = self.export(&task, a).await.map_err(wrk)?;
+        Ok((result, artifacts))
+    }
+
+    /// Loads the stage images the task needs and lacks; turns copied-path artifacts into a
+    /// small image the COPY --from reads instead of the stage's image.
+    async fn import(&mut self, task: &mut StageTask, a: &TaskAssignment) -> Result<(), StageError> {
+        let werr = |e: WorkerError| StageError::new(e.to_string());
+        let mut by_key: BTreeMap<StageKey, Vec<coordinator::pool::Artifact>> = BTreeMap::new();
+        for pb in &a.imports {
+            let art = artifact(pb).map_err(|e| StageError::new(e.message().to_string()))?;
+            by_key.entry(art.stage_key).or_default().push(art);
+        }
+        for (key, arts) in by_key {
+            if self.has_image(&stage_image_tag(&key)).await {
+                continue;
+            }
+            if let Some(img) = arts.iter().find(|a| a.path.is_empty()) {
+                let d = BlobDigest::from_hex(&img.digest).expect("validated");
+                download_to(&mut self.clients.content, &self.blobs, &d)
+                    .await
+                    .map_err(werr)?;
+                let bytes = self
+                    .blobs
+                    .read(&d)
+                    .map_err(|e| StageError::new(e.to_string()))?;
+                let opts = ImportImageOptionsBuilder::default().quiet(true).build();
+                let mut s = self
+                    .docker
+                    .import_image(opts, bollard::body_full(bytes.into()), None);
+                while let Some(r) = s.next().await {
+                    r.map_err(|e| StageError::new(format!("docker load of stage {key}: {e}")))?;
+                }
+                continue;
+            }
+            // Only paths: build an image holding just them, and read COPY --from there.
+            let reference = format!("dbuild-paths:{}", key.to_hex());
+            if !self.has_image(&reference).await {
+                let mut rootfs = tar::Builder::new(Vec::new());
+                for art in &arts {
+                    let d = BlobDigest::from_hex(&art.digest).expect("validated");
+                    download_to(&mut self.clients.content, &self.blobs, &d)
+                        .await
+                        .map_err(werr)?;
+                    let bytes = self
+                        .blobs
+                        .read(&d)
+                        .map_err(|e| StageError::new(e.to_string()))?;
+                    reprefix(&mut rootfs, &bytes, parent_of(&art.path))
+                        .map_err(|e| StageError::new(format!("artifact {}: {e}", art.path)))?;
+                }
+                let tar = rootfs
+                    .into_inner()
+                    .map_err(|e| StageError::new(e.to_string()))?;
+                let (repo, tag) = reference.split_once(':').expect("has a tag");
+                let opts = CreateImageOptionsBuilder::default()
+                    .from_src("-")
+                    .repo(repo)
+                    .tag(tag)
+                    .build();
+                let mut s = self.docker.create_image(
+                    Some(opts),
+                    Some(bollard::body_full(tar.into())),
+                    None,
+                );
+                while let Some(r) = s.next().await {
+                    r.map_err(|e| StageError::new(format!("importing artifacts of {key}: {e}")))?;
+                }
+            }
+            let id = self
+                .docker
+                .inspect_image(&reference)
+                .await
+                .ok()
+                .and_then(|i| i.id)
+                .unwrap_or_else(|| reference.clone());
+            for ti in &mut task.instructions {
+                for s in ti
+                    .copy_from
+                    .iter_mut()
+                    .chain(ti.mount_from.iter_mut().flatten())
+                {
+                    if matches!(s, TaskSource::Stage { key: k, .. } if *k == key) {
+                        *s = TaskSource::Image {
+                            reference: reference.clone(),
+                            id: id.clone(),
+                        };
+                    }
+                }
+            }
+        }
+        if let TaskBase::Stage { key, .. } = &task.base {
+            if !self.has_image(&stage_image_tag(key)).await {
+                return Err(StageError::new(format!(
+                    "the image of stage {key} is neither on this worker nor in the store"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn has_image(&self, reference: &str) -> bool {
+        self.docker.inspect_image(reference).await.is_ok()
+    }
+
+    /// Exports what the consumers need: the image (docker save) and/or the copied paths.
+    async fn export(
+        &mut self,
+        task: &StageTask,
+        a: &TaskAssignment,
+    ) -> Result<Vec<coordinator::pool::Artifact>, WorkerError> {
+        let tag = stage_image_tag(&task.key);
+        let mut out = Vec::new();
+        std::fs::create_dir_all(&self.scratch).map_err(|e| WorkerError::Io(e.to_string()))?;
+        if a.export_image {
+            let file = tempfile::NamedTempFile::new_in(&self.scratch)
+                .map_err(|e| WorkerError::Io(e.to_string()))?;
+            let mut f = file.reopen().map_err(|e| WorkerError::Io(e.to_string()))?;
+            let mut s = self.docker.export_image(&tag);
+            while let Some(chunk) = s.next().await {
+                f.write_all(&chunk.map_err(|e| WorkerError::Docker(e.to_string()))?)
+                    .map_err(|e| WorkerError::Io(e.to_string()))?;
+            }
+            f.flush().map_err(|e| WorkerError::Io(e.to_string()))?;
+            let (d, size) = upload_file(&mut self.clients.content, file.path()).await?;
+            out.push(coordinator::pool::Artifact {
+                stage_key: task.key,
+                path: String::new(),
+                digest: d.to_hex(),
+                size,
+            });
+        }
+        if !a.export_paths.is_empty() {
+            let name = format!(
+                "dbuild-export-{}-{}",
+                &task.key.to_hex()[..12],
+                std::process::id()
+            );
+            let opts = CreateContainerOptionsBuilder::default().name(&name).build();
+            let body = bollard::models::ContainerCreateBody {
+                image: Some(tag.clone()),
+                cmd: Some(vec!["/".into()]),
+                ..Default::default()
+            };
+            self.docker
+                .create_container(Some(opts), body)
+                .await
+                .map_err(|e| WorkerError::Docker(e.to_string()))?;
+            let result = self.export_paths(task, &name, &a.export_paths).await;
+            let _ = self
+                .docker
+                .remove_container(
+                    &name,
+                    Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+                )
+                .await;
+            out.extend(result?);
+        }
+        Ok(out)
+    }
+
+    async fn export_paths(
+        &mut self,
+        task: &StageTask,
+        container: &str,
+        paths: &[String],
+    ) -> Result<Vec<coordinator::pool::Artifact>, WorkerError> {
+        let mut out = Vec::new();
+        for p in paths {
+            let file = tempfile::NamedTempFile::new_in(&self.scratch)
+                .map_err(|e| WorkerError::Io(e.to_string()))?;
+            let mut f = file.reopen().map_err(|e| WorkerError::Io(e.to_string()))?;
+            let opts = DownloadFromContainerOptionsBuilder::default()
+                .path(p)
+                .build();
+            let mut s = self.docker.download_from_container(container, Some(opts));
+            let mut ok = true;
+            while let Some(chunk) = s.next().await {
+                match chunk {
+                    Ok(c) => f
+                        .write_all(&c)
+                        .map_err(|e| WorkerError::Io(e.to_string()))?,
+                    // A path the stage does not have: the consumer's COPY fails, as in Docker.
+                    Err(_) => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if !ok {
+                continue;
+            }
+            f.flush().map_err(|e| WorkerError::Io(e.to_string()))?;
+            let (d, size) = upload_file(&mut self.clients.content, file.path()).await?;
+            out.push(coordinator::pool::Artifact {
+                stage_key: task.key,
+                path: p.clone(),
+                digest: d.to_hex(),
+                size,
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn parent_of(path: &str) -> String {
+    let p = path.trim_end_matches('/');
+    match p.rsplit_once('/') {
+        Some((parent, _)) => parent.trim_start_matches('/').to_string(),
+        None => String::new(),
+    }
+}
+
+/// Copies the entries of a `download_from_container` tar (named from the path's basename)
+/// into `out` under `prefix`, keeping modes, owners and link targets, adding the parents.
+fn reprefix(
+    out: &mut tar::Builder<Vec<u8>>,
+    archive: &[u8],
+    prefix: String,
+) -> std::io::Result<()> {
+    let mut made = String::new();
+    for part in prefix.split('/').filter(|p| !p.is_empty()) {
+        made = if made.is_empty() {
+            part.to_string()
+        } else {
+            format!("{made}/{part}")
+        };
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        out.append_data(&mut h, format!("{made}/"), std::io::empty())?;
+    }
+    let mut a = tar::Archive::new(archive);
+    for entry in a.entries()? {
+        let mut e = entry?;
+        let name = e.path()?.to_string_lossy().into_owned();
+        let full = if prefix.is_empty() {
+            name
+        } else {
+            format!("{prefix}/{name}")
+        };
+        let mut h = e.header().clone();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data)?;
+        match (e.header().entry_type(), e.link_name()?) {
+            // Hard links name another entry of the same archive: move them along.
+            (tar::EntryType::Link, Some(target)) => {
+                let t = target.to_string_lossy().into_owned();
+                let t = if prefix.is_empty() {
+                    t
+                } else {
+                    format!("{prefix}/{t}")
+                };
+                out.append_link(&mut h, &full, t)?;
+            }
+            (_, Some(target)) => {
+                let target = target.to_path_buf();
+                out.append_link(&mut h, &full, target)?;
+            }
+            (_, None) => out.append_data(&mut h, &full, data.as_slice())?,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parents() {
+        assert_eq!(parent_of("/go/src/app"), "go/src");
+        assert_eq!(parent_of("/app"), "");
+        assert_eq!(parent_of("/out/"), "");
+    }
+}
