@@ -1,0 +1,355 @@
+//! The farm for real: a coordinator process and worker processes on loopback gRPC, one of
+//! the workers on a second Docker daemon of its own (so artifacts really cross daemons),
+//! builds submitted with `dbuild submit --coordinator`, results run with `docker run`.
+//!
+//! One test function runs every case in order: the second daemon takes seconds to start
+//! and the cases share it.
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const DBUILD: &str = env!("CARGO_BIN_EXE_dbuild");
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A process killed when dropped.
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A second Docker daemon in its own network namespace (so it leaves the host's docker0
+/// alone), on vfs, with the base images imported. Stopped when dropped.
+struct SecondDaemon {
+    proc: Proc,
+    dir: tempfile::TempDir,
+}
+
+impl SecondDaemon {
+    fn start() -> Result<Self, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("dbuild-d2-")
+            .tempdir_in("/tmp")
+            .map_err(|e| e.to_string())?;
+        std::fs::write(dir.path().join("daemon.json"), "{}").map_err(|e| e.to_string())?;
+        let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+        let log = std::fs::File::create(dir.path().join("log")).map_err(|e| e.to_string())?;
+        let child = Command::new("unshare")
+            .args([
+                "--net",
+                "dockerd",
+                "--config-file",
+                &p("daemon.json"),
+                "--data-root",
+                &p("root"),
+                "--exec-root",
+                &p("exec"),
+                "--pidfile",
+                &p("pid"),
+                "--host",
+                &format!("unix://{}", p("sock")),
+                "--bridge=none",
+                "--iptables=false",
+                "--storage-driver=vfs",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start dockerd: {e}"))?;
+        let d = SecondDaemon {
+            proc: Proc(child),
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if docker(&d.host(), &["version"]).status.success() {
+                let ok = Command::new(root().join("examples/base-images.sh"))
+                    .env("DOCKER_HOST", d.host())
+                    .output()
+                    .map_err(|e| e.to_string())?;
+                if !ok.status.success() {
+                    return Err(String::from_utf8_lossy(&ok.stderr).into_owned());
+                }
+                return Ok(d);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        Err(format!(
+            "second dockerd did not come up: {}",
+            std::fs::read_to_string(d.dir.path().join("log")).unwrap_or_default()
+        ))
+    }
+
+    fn host(&self) -> String {
+        format!("unix://{}", self.dir.path().join("sock").display())
+    }
+}
+
+impl Drop for SecondDaemon {
+    fn drop(&mut self) {
+        // SIGTERM lets dockerd unmount; then the temp dir can go.
+        let _ = Command::new("kill")
+            .arg(self.proc.0.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.proc.0.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn docker(host: &str, args: &[&str]) -> Output {
+    Command::new("docker")
+        .args(args)
+        .env("DOCKER_HOST", host)
+        .output()
+        .expect("docker runs")
+}
+
+/// Starts the coordinator and waits for its "listening on" line; returns its URL.
+fn start_coordinator(data: &Path) -> (Proc, String) {
+    let mut child = Command::new(DBUILD)
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("coordinator starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    (Proc(child), format!("http://{addr}"))
+}
+
+fn start_worker(
+    url: &str,
+    name: &str,
+    slots: usize,
+    data: &Path,
+    docker_host: Option<&str>,
+) -> Proc {
+    let mut cmd = Command::new(DBUILD);
+    cmd.args([
+        "worker",
+        "--coordinator",
+        url,
+        "--name",
+        name,
+        "--slots",
+        &slots.to_string(),
+        "--data-dir",
+    ])
+    .arg(data)
+    .env_remove("DOCKER_HOST")
+    .stdout(Stdio::null())
+    .stderr(Stdio::inherit());
+    if let Some(h) = docker_host {
+        cmd.args(["--docker-host", h]);
+    }
+    Proc(cmd.spawn().expect("worker starts"))
+}
+
+fn wait_for_workers(url: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new(DBUILD)
+            .args(["workers", "--coordinator", url])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.lines().filter(|l| l.contains("ready")).count() >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "workers did not register:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+struct Submitted {
+    ok: bool,
+    events: Vec<Value>,
+    stderr: String,
+}
+
+impl Submitted {
+    /// Which worker each stage was placed on (its stage_started event names it).
+    fn placement(&self, stage: u64) -> Option<String> {
+        self.events.iter().find_map(|e| {
+            (e["event"] == "stage_started" && e["stage"] == stage)
+                .then(|| e["worker"].as_str().map(str::to_string))
+                .flatten()
+        })
+    }
+    fn count(&self, event: &str) -> usize {
+        self.events.iter().filter(|e| e["event"] == event).count()
+    }
+}
+
+fn submit(url: &str, ctx: &Path, args: &[&str], data: &Path) -> Submitted {
+    let out = Command::new(DBUILD)
+        .arg("submit")
+        .arg(ctx)
+        .args(["--coordinator", url, "--progress", "json"])
+        .args(args)
+        .env("DBUILD_DATA_DIR", data)
+        .env_remove("DOCKER_HOST")
+        .output()
+        .expect("submit runs");
+    Submitted {
+        ok: out.status.success(),
+        events: String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn run_image(tag: &str, cmd: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(["run", "--rm", "--network=none", tag])
+        .args(cmd)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "docker run {tag}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn write_ctx(dockerfile: &str) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("Dockerfile"), dockerfile).unwrap();
+    d
+}
+
+#[test]
+fn farm_builds_across_workers_and_daemons() {
+    let base = Command::new(root().join("examples/base-images.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        base.status.success(),
+        "{}",
+        String::from_utf8_lossy(&base.stderr)
+    );
+    let second = match SecondDaemon::start() {
+        Ok(d) => d,
+        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+            eprintln!("skipping: a second Docker daemon cannot run here: {e}");
+            return;
+        }
+        Err(e) => panic!("a second Docker daemon is needed under CI: {e}"),
+    };
+    let data = tempfile::tempdir().unwrap();
+    let (_coord, url) = start_coordinator(&data.path().join("coord"));
+    let _w1 = start_worker(&url, "w1", 1, &data.path().join("w1"), None);
+    let _w2 = start_worker(&url, "w2", 1, &data.path().join("w2"), Some(&second.host()));
+    wait_for_workers(&url, 2);
+    let client = data.path().join("client");
+    let tag = |s: &str| format!("dbuild-farm-test:{s}-{}", std::process::id());
+
+    // The seed example and its variants; the final image runs.
+    let ex = root().join("examples/href-counter");
+    let t = tag("href");
+    let r = submit(&url, &ex, &["-t", &t], &client);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(run_image(&t, &[]).trim(), "{\"external\":0,\"internal\":0}");
+    for (file, extra) in [
+        ("Dockerfile.from-index", vec![]),
+        ("Dockerfile.external", vec![]),
+        ("Dockerfile", vec!["--target", "builder"]),
+    ] {
+        let t = tag("variant");
+        let f = ex.join(file);
+        let mut args = vec!["-f", f.to_str().unwrap(), "-t", &t];
+        args.extend(extra.iter().copied());
+        let r = submit(&url, &ex, &args, &client);
+        assert!(r.ok, "{file} {extra:?}: {}", r.stderr);
+        let expect = if extra.is_empty() {
+            "/root/app"
+        } else {
+            "/go/src/github.com/alexellis/href-counter/app"
+        };
+        run_image(&t, &["test", "-x", expect]);
+        if file == "Dockerfile.external" {
+            assert!(run_image(&t, &["cat", "/etc/nginx/nginx.conf"]).contains("events"));
+        }
+        let _ = docker("unix:///var/run/docker.sock", &["rmi", &t]);
+    }
+
+    // A fan-out: stages on both workers at the same time, then a final stage on one of
+    // them that needs the others' files (which crossed daemons), owners and modes intact.
+    let fan = write_ctx(&format!(
+        "FROM alpine:latest AS a\nRUN echo a-{n} > /a && sleep 2\nFROM alpine:latest AS b\nRUN echo b-{n} > /b && sleep 2\nFROM alpine:latest AS c\nRUN mkdir -p /out/sub && echo c > /out/sub/c && chown 1000:1000 /out/sub/c && chmod 640 /out/sub/c && sleep 2\nFROM alpine:latest\nCOPY --from=a /a /a\nCOPY --from=b /b /b\nCOPY --from=c /out /out\n",
+        n = std::process::id()
+    ));
+    let t = tag("fan");
+    let r = submit(&url, fan.path(), &["-t", &t, "--no-cache"], &client);
+    assert!(r.ok, "{}", r.stderr);
+    let placed: Vec<String> = (0..3).filter_map(|s| r.placement(s)).collect();
+    assert!(
+        placed.contains(&"w1".into()) && placed.contains(&"w2".into()),
+        "placement {placed:?}"
+    );
+    assert_eq!(
+        run_image(&t, &["stat", "-c", "%u:%g %a", "/out/sub/c"]).trim(),
+        "1000:1000 640"
+    );
+    assert_eq!(
+        run_image(&t, &["cat", "/a", "/b"]),
+        format!("a-{n}\nb-{n}\n", n = std::process::id())
+    );
+
+    // A diamond (FROM a stage, COPY --from another), and a failing stage nobody needs.
+    let t = tag("diamond");
+    let diamond = write_ctx("FROM alpine:latest AS base\nRUN echo base > /base\nFROM base AS left\nRUN echo left > /left\nFROM base AS right\nRUN echo right > /right\nFROM alpine:latest AS unused\nRUN false\nFROM left AS final\nCOPY --from=right /right /right\n");
+    let r = submit(&url, diamond.path(), &["-t", &t], &client);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(
+        run_image(&t, &["cat", "/base", "/left", "/right"]),
+        "base\nleft\nright\n"
+    );
+    assert!(r.placement(3).is_none(), "the unused stage is never built");
+
+    // A failing RUN names its stage and line and shows its output.
+    let bad = write_ctx("FROM alpine:latest AS ok\nRUN true\nFROM alpine:latest AS broken\nRUN echo about to fail && exit 3\n");
+    let r = submit(&url, bad.path(), &[], &client);
+    assert!(!r.ok);
+    assert!(r.stderr.contains("stage broken failed"), "{}", r.stderr);
+    assert!(r.stderr.contains("about to fail"), "{}", r.stderr);
+    assert_eq!(r.count("stage_failed"), 1);
+    let failed = r
+        .events
+        .iter()
+        .find(|e| e["event"] == "stage_failed")
+        .unwrap();
+    assert!(r.placement(failed["stage"].as_u64().unwrap()).is_some());
+
+    for t in ["href", "fan", "diamond"] {
+        let _ = docker("unix:///var/run/docker.sock", &["rmi", &tag(t)]);
+    }
+    drop(second);
+}
