@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Fan-out on one machine: six independent `sleep 3` stages and a final stage copying from
+# each, built with dbuild and with BuildKit on the same daemon (no cache either side).
+# Prints a Markdown table: wall times, and dbuild's per-instruction overhead (stage wall
+# time minus the time its commands ran, per instruction run; median over stages).
+# Usage: bench/fanout.sh [RUNS]   (LEGACY=1 also times the legacy builder)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${1:-3}
+examples/base-images.sh >/dev/null
+cargo build --release -q
+dbuild=$PWD/target/release/dbuild
+
+ctx=$(mktemp -d)
+data=$(mktemp -d)
+trap 'rm -rf "$ctx" "$data"' EXIT
+{
+  for i in 1 2 3 4 5 6; do
+    printf 'FROM alpine:latest AS s%s\nRUN sleep 3 && echo %s-$RANDOM > /out\n\n' "$i" "$i"
+  done
+  printf 'FROM alpine:latest\n'
+  for i in 1 2 3 4 5 6; do printf 'COPY --from=s%s /out /o%s\n' "$i" "$i"; done
+} >"$ctx/Dockerfile"
+
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+now() { date +%s.%N; }
+
+bk=(); db=(); db6=(); legacy=(); overhead=()
+for _ in $(seq "$runs"); do
+  t0=$(now)
+  DOCKER_BUILDKIT=1 docker build --no-cache --network=none -q "$ctx" >/dev/null
+  bk+=("$(echo "$(now) - $t0" | bc)")
+
+  t0=$(now)
+  DBUILD_DATA_DIR=$data "$dbuild" submit --no-cache --progress json --output type=none "$ctx" >"$data/events.json"
+  db+=("$(echo "$(now) - $t0" | bc)")
+  t0=$(now)
+  DBUILD_DATA_DIR=$data "$dbuild" submit --no-cache --jobs 6 --progress plain --output type=none "$ctx" 2>/dev/null
+  db6+=("$(echo "$(now) - $t0" | bc)")
+  overhead+=("$(python3 - "$data/events.json" <<'PY'
+import json, sys, statistics
+per = []
+for line in open(sys.argv[1]):
+    e = json.loads(line)
+    if e["event"] == "stage_finished" and e["executed"]:
+        per.append((e["duration_ms"] - e["command_ms"]) / e["executed"])
+print(statistics.median(per) if per else 0)
+PY
+)")
+  if [ "${LEGACY:-0}" = 1 ]; then
+    t0=$(now)
+    DOCKER_BUILDKIT=0 docker build --no-cache -q "$ctx" >/dev/null 2>&1
+    legacy+=("$(echo "$(now) - $t0" | bc)")
+  fi
+done
+
+echo "| builder (fan-out: 6 x sleep 3 + final, median of $runs) | wall s |"
+echo "| --- | ---: |"
+printf '| critical-path bound (one sleep 3) | 3.00 |\n'
+printf '| BuildKit (DOCKER_BUILDKIT=1) | %.2f |\n' "$(printf '%s\n' "${bk[@]}" | median)"
+printf '| dbuild submit (embedded, default --jobs = %s cores) | %.2f |\n' "$(nproc)" "$(printf '%s\n' "${db[@]}" | median)"
+printf '| dbuild submit --jobs 6 | %.2f |\n' "$(printf '%s\n' "${db6[@]}" | median)"
+if [ ${#legacy[@]} -gt 0 ]; then
+  printf '| legacy builder | %.2f |\n' "$(printf '%s\n' "${legacy[@]}" | median)"
+fi
+echo
+echo "| dbuild per-instruction overhead (median) | ms |"
+echo "| --- | ---: |"
+printf '| wall time minus command time, per instruction run | %.0f |\n' "$(printf '%s\n' "${overhead[@]}" | median)"
