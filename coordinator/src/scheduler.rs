@@ -52,7 +52,6 @@ pub struct BuildRequest {
     /// Keys computed with `pinned` as the resolver.
     pub keys: Arc<Vec<StageKeys>>,
     pub pinned: PinnedImages,
-    pub escape: char,
     /// Ignore results already on the executor (every stage runs).
     pub no_cache: bool,
 }
@@ -193,8 +192,9 @@ pub fn stage_task(req: &BuildRequest, index: usize) -> StageTask {
             .clone()
             .unwrap_or_else(|| plan.platform.to_string()),
         instructions,
-        escape: req.escape,
+        escape: req.plan.escape,
         no_cache: req.no_cache,
+        build_args: plan.build_args.clone(),
     }
 }
 

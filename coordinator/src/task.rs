@@ -83,6 +83,10 @@ pub struct StageTask {
     pub escape: char,
     /// Skip the per-instruction reuse of committed images.
     pub no_cache: bool,
+    /// The build's `--build-arg` values, so the executor can resolve an ARG whose default
+    /// reads the base image's ENV exactly as Docker does.
+    #[serde(default)]
+    pub build_args: BTreeMap<String, String>,
 }
 
 impl StageTask {

@@ -115,7 +115,6 @@ fn request(src: &str, target: Option<&str>) -> BuildRequest {
         plan: Arc::new(p),
         keys: Arc::new(keys),
         pinned: PinnedImages::default(),
-        escape: '\\',
         no_cache: false,
     }
 }

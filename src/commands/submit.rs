@@ -145,7 +145,6 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     if let Some(url) = args.coordinator.clone() {
         return super::remote::submit(&args, &url, &dockerfile, analysis, secrets, &output).await;
     }
-    let escape = analysis.plan.escape;
 
     let executor: Arc<dyn Executor> = Arc::new(
         worker::DockerExecutor::connect(args.docker_host.as_deref(), "local")
@@ -171,7 +170,6 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         plan: Arc::clone(&plan),
         keys: Arc::new(keys),
         pinned,
-        escape,
         no_cache: args.no_cache,
     };
     let inputs = BuildInputs {

@@ -136,6 +136,8 @@ pub struct Plan {
     pub built: Vec<bool>,
     pub syntax: Option<String>,
     pub platform: Platform,
+    /// The `--build-arg` values the plan was made with.
+    pub build_args: BTreeMap<String, String>,
 }
 
 /// A planning error; `line` is the 1-based Dockerfile line when one is to blame.
@@ -432,6 +434,7 @@ pub fn plan(df: &Dockerfile, opts: &PlanOptions) -> Result<Plan, PlanError> {
         built,
         syntax: df.directives.syntax.clone(),
         platform: opts.platform.clone(),
+        build_args: opts.build_args.clone(),
     })
 }
 

@@ -158,7 +158,6 @@ impl BuildService for BuildServer {
         };
         let request = BuildRequest {
             build_id: build_id.clone(),
-            escape: plan.escape,
             plan,
             keys: Arc::new(keys),
             pinned: PinnedImages::default(),

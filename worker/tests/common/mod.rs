@@ -232,6 +232,7 @@ pub async fn tasks(
                 .collect(),
             escape: df.directives.escape,
             no_cache: true,
+            build_args: plan.build_args.clone(),
         });
     }
     let inputs = BuildInputs {
