@@ -28,7 +28,7 @@ now() { date +%s.%N; }
 bk=(); db=(); db6=(); legacy=(); overhead=()
 for _ in $(seq "$runs"); do
   t0=$(now)
-  DOCKER_BUILDKIT=1 docker build --no-cache --network=none -q "$ctx" >/dev/null
+  DOCKER_BUILDKIT=1 /usr/bin/docker build --no-cache --network=none -q "$ctx" >/dev/null
   bk+=("$(echo "$(now) - $t0" | bc)")
 
   t0=$(now)
@@ -49,7 +49,7 @@ PY
 )")
   if [ "${LEGACY:-0}" = 1 ]; then
     t0=$(now)
-    DOCKER_BUILDKIT=0 docker build --no-cache -q "$ctx" >/dev/null 2>&1
+    DOCKER_BUILDKIT=0 /usr/bin/docker build --no-cache -q "$ctx" >/dev/null 2>&1
     legacy+=("$(echo "$(now) - $t0" | bc)")
   fi
 done
