@@ -9,13 +9,12 @@ mod run;
 mod steps;
 mod tree;
 mod users;
+mod vars;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bollard::query_parameters::CreateImageOptionsBuilder;
 use bollard::Docker;
-use coordinator::frontend::expand::{Lexer, VarLookup};
 use coordinator::frontend::instructions::{parse_instruction, Instruction};
 use coordinator::frontend::parser;
 use coordinator::keys::StageKey;
@@ -28,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::{ImageConfig, DEFAULT_PATH};
 pub use docker::ImageState;
+pub use vars::StageVars;
 
 use docker::{Daemon, Resources};
 
@@ -75,43 +75,6 @@ impl DockerExecutor {
     }
 }
 
-/// Variables for expansion: the image's ENV first, then the build args.
-struct Vars<'a> {
-    env: BTreeMap<String, String>,
-    args: &'a BTreeMap<String, String>,
-}
-
-impl VarLookup for Vars<'_> {
-    fn lookup(&self, name: &str) -> Option<&str> {
-        self.env
-            .get(name)
-            .or_else(|| self.args.get(name))
-            .map(String::as_str)
-    }
-}
-
-/// Expands the fields Docker expands, against the current ENV then `args`.
-fn expand(
-    raw: &Instruction,
-    config: &ImageConfig,
-    args: &BTreeMap<String, String>,
-    escape: char,
-) -> Result<Instruction, StageError> {
-    let lexer = Lexer::new(escape);
-    let vars = Vars {
-        env: config.env_map(),
-        args,
-    };
-    let mut ins = raw.clone();
-    ins.expand(&mut |w: &str| -> Result<String, StageError> {
-        lexer
-            .expand(w, &vars)
-            .map(|e| e.value)
-            .map_err(|e| StageError::new(e.to_string()))
-    })?;
-    Ok(ins)
-}
-
 /// Parses a base image's ONBUILD triggers as instructions.
 fn parse_triggers(triggers: &[String], escape: char) -> Result<Vec<Instruction>, StageError> {
     let mut out = Vec::new();
@@ -142,6 +105,9 @@ pub(crate) struct StageRun<'a> {
     pub cancel: &'a CancellationToken,
     pub res: &'a Resources,
     pub state: ImageState,
+    /// The environment instructions are expanded against and RUN gets (not the config's
+    /// ENV alone: ARGs write into it too).
+    pub vars: StageVars,
     /// The id of an image with exactly `state`, if one exists.
     pub id: Option<String>,
     pub flags: config::StageFlags,
@@ -213,6 +179,7 @@ impl DockerExecutor {
             logs,
             cancel,
             res,
+            vars: StageVars::from_config(&state.config),
             state,
             id,
             flags: Default::default(),
@@ -221,7 +188,6 @@ impl DockerExecutor {
             empty_bare: None,
         };
         let (mut executed, mut reused) = (0, 0);
-        let no_args = BTreeMap::new();
         for ti in &task.instructions {
             if cancel.is_cancelled() {
                 return Err(StageError::cancelled());
@@ -232,7 +198,15 @@ impl DockerExecutor {
                     self.flush(&mut st).await?;
                     st.state = s;
                     st.id = Some(id);
-                    triggers.clear();
+                    // The committed image holds what the instruction (and any pending
+                    // ONBUILD trigger) did; the environment is not in it, so replay that.
+                    for trigger in std::mem::take(&mut triggers) {
+                        let ins = st.vars.expand(&trigger, task.escape)?;
+                        st.vars.track(&ins, None, &task.build_args, task.escape)?;
+                    }
+                    let ins = st.vars.expand(&ti.raw, task.escape)?;
+                    st.vars
+                        .track(&ins, Some(&ti.instruction), &task.build_args, task.escape)?;
                     if matches!(ti.instruction, Instruction::Cmd(_)) {
                         st.flags.cmd_set = true;
                     }
@@ -246,14 +220,14 @@ impl DockerExecutor {
                     line: format!("# ONBUILD {}", trigger.keyword()),
                     placed_on: None,
                 });
-                self.execute(&mut st, &trigger, &no_args, None).await?;
+                self.execute(&mut st, &trigger, None).await?;
             }
             let _ = logs.send(StageLog {
                 stage: task.stage,
                 line: format!("# {}", ti.source),
                 placed_on: None,
             });
-            self.execute(&mut st, &ti.raw, &ti.args, Some(ti))
+            self.execute(&mut st, &ti.raw, Some(ti))
                 .await
                 .map_err(|mut e| {
                     e.line = e.line.or(Some(ti.line));
@@ -264,7 +238,7 @@ impl DockerExecutor {
             executed += 1;
         }
         for trigger in std::mem::take(&mut triggers) {
-            self.execute(&mut st, &trigger, &no_args, None).await?;
+            self.execute(&mut st, &trigger, None).await?;
         }
         let stage_tag = stage_image_tag(&task.key);
         match (st.pending.last_mut(), &st.id) {
@@ -306,23 +280,35 @@ impl DockerExecutor {
         self.daemon.load(&images).await
     }
 
-    /// Runs one instruction (expanded here) on the stage state.
+    /// Runs one instruction (expanded here, against the stage's environment) on the stage
+    /// state, then records what it wrote into the environment.
     async fn execute(
         &self,
         st: &mut StageRun<'_>,
         raw: &Instruction,
-        args: &BTreeMap<String, String>,
         ti: Option<&coordinator::task::TaskInstruction>,
     ) -> Result<(), StageError> {
-        let ins = expand(raw, &st.state.config, args, st.task.escape)?;
-        match &ins {
+        let ins = st.vars.expand(raw, st.task.escape)?;
+        self.dispatch(st, &ins, ti).await?;
+        let planned = ti.map(|t| &t.instruction);
+        st.vars
+            .track(&ins, planned, &st.task.build_args, st.task.escape)
+    }
+
+    async fn dispatch(
+        &self,
+        st: &mut StageRun<'_>,
+        ins: &Instruction,
+        ti: Option<&coordinator::task::TaskInstruction>,
+    ) -> Result<(), StageError> {
+        match ins {
             Instruction::From(_) => Err(StageError::new("FROM inside a stage task")),
-            Instruction::Run(r) => self.step_run(st, r, args, ti).await,
+            Instruction::Run(r) => self.step_run(st, r, ti).await,
             Instruction::Copy(c) => self.step_copy(st, c, false, ti).await,
             Instruction::Add(c) => self.step_copy(st, c, true, ti).await,
             Instruction::Workdir(_) => {
                 let mut author = None;
-                config::apply(&mut st.state.config, &mut st.flags, &mut author, &ins)
+                config::apply(&mut st.state.config, &mut st.flags, &mut author, ins)
                     .map_err(StageError::new)?;
                 let wd = st.state.config.working_dir.clone();
                 if wd != "/" {
@@ -369,17 +355,26 @@ impl Executor for DockerExecutor {
                 break;
             }
         }
-        if let Some((id, _)) = self.daemon.inspect(reference).await? {
-            if let Some(e) = pull_error {
+        let local = self.daemon.inspect(reference).await?;
+        match (pull_error, local) {
+            (None, Some((id, _))) => Ok(id),
+            // `docker build --pull` fails when the registry cannot be asked, even with a
+            // copy on the daemon: the user asked for the registry's current image, and a
+            // stale local one would be built on silently.
+            (Some(e), Some(_)) if pull => Err(StageError::new(format!(
+                "--pull: image {reference} could not be pulled ({e}); the Docker daemon of worker {} has a local copy, which --pull does not use: build without --pull to use it, or make the registry reachable",
+                self.name
+            ))),
+            (Some(e), Some((id, _))) => {
                 tracing::warn!(image = reference, error = %e, "pull failed; using the local image");
+                Ok(id)
             }
-            return Ok(id);
+            (e, None) => Err(StageError::new(format!(
+                "image {reference} is missing on the Docker daemon of worker {} and could not be pulled ({}); provide it with `docker load -i <archive>` or `docker tag <existing-image> {reference}` on that daemon",
+                self.name,
+                e.unwrap_or_else(|| "no error reported, but the image is still absent".into())
+            ))),
         }
-        Err(StageError::new(format!(
-            "image {reference} is missing on the Docker daemon of worker {} and could not be pulled ({}); provide it with `docker load -i <archive>` or `docker tag <existing-image> {reference}` on that daemon",
-            self.name,
-            pull_error.unwrap_or_else(|| "no error reported, but the image is still absent".into())
-        )))
     }
 
     async fn stage_image(&self, key: &StageKey) -> Option<String> {
