@@ -8,8 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
 examples/base-images.sh >/dev/null
-cargo build --release -q
-dbuild=$PWD/target/release/dbuild
+# DBUILD_BIN=path measures a given binary instead of building one.
+if [ -z "${DBUILD_BIN:-}" ]; then cargo build --release -q; fi
+dbuild=${DBUILD_BIN:-$PWD/target/release/dbuild}
 
 ctx=$(mktemp -d)
 data=$(mktemp -d)
