@@ -129,6 +129,28 @@ impl ContextFiles for LocalContext {
     }
 }
 
+/// The context as blobs named by the manifest (a coordinator's store, a worker's cache).
+pub struct BlobContext {
+    pub blobs: crate::store::BlobStore,
+    pub manifest: Arc<ContextManifest>,
+}
+
+impl ContextFiles for BlobContext {
+    fn open(&self, path: &str) -> std::io::Result<Box<dyn Read + Send>> {
+        let digest = self
+            .manifest
+            .get(path)
+            .and_then(|e| e.digest())
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, path.to_string()))?;
+        // Read whole and verified: a blob is never handed out unchecked.
+        let bytes = self
+            .blobs
+            .read(&digest)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(Box::new(std::io::Cursor::new(bytes)))
+    }
+}
+
 /// Everything about a build that is not plain data: its files and secrets.
 #[derive(Clone)]
 pub struct BuildInputs {

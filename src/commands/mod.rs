@@ -2,4 +2,5 @@ pub mod farm;
 pub mod parse;
 pub mod plan;
 pub mod remote;
+pub mod spec;
 pub mod submit;

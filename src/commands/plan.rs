@@ -1,33 +1,20 @@
 //! `dbuild plan [CONTEXT] [-f FILE] [--target T] [--build-arg K=V]... [--format text|json]`
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::Write;
-use std::path::PathBuf;
 
 use anyhow::Context;
-use coordinator::analysis::{analyze, Analysis, AnalysisRequest};
-use coordinator::frontend::plan::{PlanOptions, Platform, StageRef};
-use coordinator::keys::Unresolved;
+use coordinator::analysis::Analysis;
+use coordinator::frontend::plan::StageRef;
+
+use super::spec::BuildSpec;
 use serde_json::json;
 
 #[derive(clap::Args)]
 pub struct PlanArgs {
-    /// The build context directory.
-    #[arg(default_value = ".")]
-    pub context: PathBuf,
-    /// The Dockerfile (default: CONTEXT/Dockerfile).
-    #[arg(short = 'f', long = "file")]
-    pub file: Option<PathBuf>,
-    /// The stage to build (default: the last stage).
-    #[arg(long)]
-    pub target: Option<String>,
-    /// A build argument, KEY=VALUE (or KEY to take the value from the environment).
-    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
-    pub build_args: Vec<String>,
+    #[command(flatten)]
+    pub spec: BuildSpec,
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
-    /// Where dbuild keeps its stat cache and store.
-    #[arg(long, env = "DBUILD_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -36,61 +23,8 @@ pub enum Format {
     Json,
 }
 
-/// `--build-arg K=V` as docker takes it: `K` alone reads the environment, and is dropped
-/// when the environment has no such variable.
-pub fn parse_build_args(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
-    let mut out = BTreeMap::new();
-    for a in raw {
-        match a.split_once('=') {
-            Some(("", _)) => {
-                anyhow::bail!("--build-arg {a:?}: the name before '=' is empty")
-            }
-            Some((k, v)) => {
-                out.insert(k.to_string(), v.to_string());
-            }
-            None => {
-                if let Ok(v) = std::env::var(a) {
-                    out.insert(a.clone(), v);
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// `--data-dir`, else `$XDG_CACHE_HOME/dbuild`, else `~/.cache/dbuild`.
-pub fn data_dir(explicit: Option<PathBuf>) -> PathBuf {
-    explicit
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("dbuild")))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/dbuild")))
-        .unwrap_or_else(|| std::env::temp_dir().join("dbuild"))
-}
-
 pub fn run(args: PlanArgs) -> anyhow::Result<()> {
-    let dockerfile = args
-        .file
-        .clone()
-        .unwrap_or_else(|| args.context.join("Dockerfile"));
-    if !args.context.is_dir() {
-        anyhow::bail!(
-            "build context {} is not a directory (give the directory holding your sources)",
-            args.context.display()
-        );
-    }
-    let data = data_dir(args.data_dir.clone());
-    // Without a usable data dir every file is simply hashed again.
-    let stat_cache = coordinator::context::stat_cache_path(&data, &args.context).ok();
-    let req = AnalysisRequest {
-        context_dir: &args.context,
-        dockerfile: &dockerfile,
-        options: PlanOptions {
-            target: args.target.clone(),
-            build_args: parse_build_args(&args.build_args)?,
-            platform: Platform::host(),
-        },
-        stat_cache,
-    };
-    let analysis = analyze(&req, &Unresolved)?;
+    let analysis = args.spec.analyze()?;
     let mut out = std::io::stdout().lock();
     match args.format {
         Format::Json => {

@@ -54,7 +54,7 @@ pub async fn submit(
     let mut uploaded = 0u64;
     for m in &missing {
         let d = BlobDigest::from_hex(&m.hex).context("coordinator sent a bad digest")?;
-        let path = args.context.join(&wanted[&d]);
+        let path = args.spec.context.join(&wanted[&d]);
         let f =
             std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
         let size = f.metadata()?.len();
@@ -71,10 +71,8 @@ pub async fn submit(
         dockerfile: std::fs::read(dockerfile)?,
         dockerfile_path: dockerfile.display().to_string(),
         manifest: Some(document("ContextManifest/1", &analysis.manifest)),
-        target: args.target.clone(),
-        build_args: super::plan::parse_build_args(&args.build_args)?
-            .into_iter()
-            .collect(),
+        target: args.spec.target.clone(),
+        build_args: args.spec.build_args()?.into_iter().collect(),
         no_cache: args.no_cache,
         no_cache_filter: Vec::new(),
         pull: args.pull,

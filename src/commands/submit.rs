@@ -5,34 +5,22 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use coordinator::analysis::{analyze, AnalysisRequest};
-use coordinator::frontend::plan::{PlanOptions, Platform};
-use coordinator::keys::{compute_keys, Unresolved};
+use coordinator::keys::compute_keys;
 use coordinator::scheduler::{external_images, BuildError, BuildRequest, PinnedImages, Scheduler};
 use coordinator::task::{BuildInputs, Executor, LocalContext};
 use tokio_util::sync::CancellationToken;
 
-use super::plan::{data_dir, parse_build_args};
+use super::spec::BuildSpec;
 use crate::output::{self, Output};
 use crate::progress::{self, ProgressMode};
 
 #[derive(clap::Args)]
 pub struct SubmitArgs {
-    /// The build context directory.
-    #[arg(default_value = ".")]
-    pub context: PathBuf,
-    /// The Dockerfile (default: CONTEXT/Dockerfile).
-    #[arg(short = 'f', long = "file")]
-    pub file: Option<PathBuf>,
+    #[command(flatten)]
+    pub spec: BuildSpec,
     /// Name and optionally a tag for the final image (repeatable).
     #[arg(short = 't', long = "tag")]
     pub tags: Vec<String>,
-    /// The stage to build (default: the last stage).
-    #[arg(long)]
-    pub target: Option<String>,
-    /// A build argument, KEY=VALUE (or KEY to take the value from the environment).
-    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
-    pub build_args: Vec<String>,
     /// A secret for RUN --mount=type=secret: id=ID,src=PATH (or env=VAR).
     #[arg(long = "secret", value_name = "id=ID,src=PATH")]
     pub secrets: Vec<String>,
@@ -57,9 +45,6 @@ pub struct SubmitArgs {
     /// Docker daemon to build on (default: DOCKER_HOST or the local socket).
     #[arg(long, env = "DOCKER_HOST")]
     pub docker_host: Option<String>,
-    /// Where dbuild keeps its stat cache and store.
-    #[arg(long, env = "DBUILD_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
     /// Build on a farm: the coordinator's URL. Without it, dbuild runs an embedded
     /// coordinator and one worker on the local daemon.
     #[arg(long, env = "DBUILD_COORDINATOR")]
@@ -118,30 +103,10 @@ pub fn run(args: SubmitArgs) -> anyhow::Result<()> {
 
 async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     let output = Output::parse(&args.output)?;
-    let dockerfile = args
-        .file
-        .clone()
-        .unwrap_or_else(|| args.context.join("Dockerfile"));
-    if !args.context.is_dir() {
-        bail!(
-            "build context {} is not a directory (give the directory holding your sources)",
-            args.context.display()
-        );
-    }
-    let data = data_dir(args.data_dir.clone());
+    let dockerfile = args.spec.dockerfile();
     let secrets = read_secrets(&args.secrets)?;
-    let req = AnalysisRequest {
-        context_dir: &args.context,
-        dockerfile: &dockerfile,
-        options: PlanOptions {
-            target: args.target.clone(),
-            build_args: parse_build_args(&args.build_args)?,
-            platform: Platform::host(),
-        },
-        stat_cache: coordinator::context::stat_cache_path(&data, &args.context).ok(),
-    };
-    let context_dir = args.context.clone();
-    let analysis = tokio::task::block_in_place(|| analyze(&req, &Unresolved))?;
+    let context_dir = args.spec.context.clone();
+    let analysis = tokio::task::block_in_place(|| args.spec.analyze())?;
     if let Some(url) = args.coordinator.clone() {
         return super::remote::submit(&args, &url, &dockerfile, analysis, secrets, &output).await;
     }

@@ -21,8 +21,8 @@ use coordinator::service::content::{pb_digest, receive_blob, upload_chunks};
 use coordinator::service::workers::{artifact, document, from_document, pb_artifact};
 use coordinator::store::BlobStore;
 use coordinator::task::{
-    stage_image_tag, BuildInputs, ContextFiles, Executor, StageError, StageLog, StageTask,
-    TaskBase, TaskSource,
+    stage_image_tag, BlobContext, BuildInputs, Executor, StageError, StageLog, StageTask, TaskBase,
+    TaskSource,
 };
 use futures::StreamExt;
 use proto::v1::build_service_client::BuildServiceClient;
@@ -178,27 +178,6 @@ pub async fn download_to(
     receive_blob(stream, &mut Sink(&mut w)).await?;
     w.commit().map_err(|e| WorkerError::Io(e.to_string()))?;
     Ok(())
-}
-
-/// Context files served from the worker's local blob cache.
-struct CachedContext {
-    blobs: BlobStore,
-    manifest: Arc<ContextManifest>,
-}
-
-impl ContextFiles for CachedContext {
-    fn open(&self, path: &str) -> std::io::Result<Box<dyn Read + Send>> {
-        let d = self
-            .manifest
-            .get(path)
-            .and_then(|e| e.digest())
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, path.to_string()))?;
-        let bytes = self
-            .blobs
-            .read(&d)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        Ok(Box::new(std::io::Cursor::new(bytes)))
-    }
 }
 
 /// The context files a task reads (COPY/ADD and bind mounts from the context).
@@ -452,7 +431,7 @@ impl TaskCtx {
         let manifest = Arc::new(manifest);
         let inputs = BuildInputs {
             manifest: Arc::clone(&manifest),
-            context: Arc::new(CachedContext {
+            context: Arc::new(BlobContext {
                 blobs: self.blobs.clone(),
                 manifest,
             }),
@@ -577,22 +556,10 @@ impl TaskCtx {
         let mut out = Vec::new();
         std::fs::create_dir_all(&self.scratch).map_err(|e| WorkerError::Io(e.to_string()))?;
         if a.export_image {
-            let file = tempfile::NamedTempFile::new_in(&self.scratch)
-                .map_err(|e| WorkerError::Io(e.to_string()))?;
-            let mut f = file.reopen().map_err(|e| WorkerError::Io(e.to_string()))?;
-            let mut s = self.docker.export_image(&tag);
-            while let Some(chunk) = s.next().await {
-                f.write_all(&chunk.map_err(|e| WorkerError::Docker(e.to_string()))?)
-                    .map_err(|e| WorkerError::Io(e.to_string()))?;
+            let saved = self.docker.export_image(&tag);
+            if let Some(art) = self.upload_stream(task, String::new(), saved).await? {
+                out.push(art);
             }
-            f.flush().map_err(|e| WorkerError::Io(e.to_string()))?;
-            let (d, size) = upload_file(&mut self.clients.content, file.path()).await?;
-            out.push(coordinator::pool::Artifact {
-                stage_key: task.key,
-                path: String::new(),
-                digest: d.to_hex(),
-                size,
-            });
         }
         if !a.export_paths.is_empty() {
             let name = format!(
@@ -610,7 +577,21 @@ impl TaskCtx {
                 .create_container(Some(opts), body)
                 .await
                 .map_err(|e| WorkerError::Docker(e.to_string()))?;
-            let result = self.export_paths(task, &name, &a.export_paths).await;
+            let mut result = Ok(());
+            for p in &a.export_paths {
+                let opts = DownloadFromContainerOptionsBuilder::default()
+                    .path(p)
+                    .build();
+                let tar = self.docker.download_from_container(&name, Some(opts));
+                match self.upload_stream(task, p.clone(), tar).await {
+                    Ok(Some(art)) => out.push(art),
+                    Ok(None) => {}
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
             let _ = self
                 .docker
                 .remove_container(
@@ -618,52 +599,38 @@ impl TaskCtx {
                     Some(RemoveContainerOptionsBuilder::default().force(true).build()),
                 )
                 .await;
-            out.extend(result?);
+            result?;
         }
         Ok(out)
     }
 
-    async fn export_paths(
+    /// Spools a Docker byte stream to a scratch file and uploads it as the artifact `path`
+    /// of the task's stage. `None` when Docker has no such path: the consumer's COPY then
+    /// fails with Docker's own message.
+    async fn upload_stream(
         &mut self,
         task: &StageTask,
-        container: &str,
-        paths: &[String],
-    ) -> Result<Vec<coordinator::pool::Artifact>, WorkerError> {
-        let mut out = Vec::new();
-        for p in paths {
-            let file = tempfile::NamedTempFile::new_in(&self.scratch)
-                .map_err(|e| WorkerError::Io(e.to_string()))?;
-            let mut f = file.reopen().map_err(|e| WorkerError::Io(e.to_string()))?;
-            let opts = DownloadFromContainerOptionsBuilder::default()
-                .path(p)
-                .build();
-            let mut s = self.docker.download_from_container(container, Some(opts));
-            let mut ok = true;
-            while let Some(chunk) = s.next().await {
-                match chunk {
-                    Ok(c) => f
-                        .write_all(&c)
-                        .map_err(|e| WorkerError::Io(e.to_string()))?,
-                    // A path the stage does not have: the consumer's COPY fails, as in Docker.
-                    Err(_) => {
-                        ok = false;
-                        break;
-                    }
-                }
+        path: String,
+        mut stream: impl futures::Stream<Item = Result<bytes::Bytes, bollard::errors::Error>> + Unpin,
+    ) -> Result<Option<coordinator::pool::Artifact>, WorkerError> {
+        let io = |e: std::io::Error| WorkerError::Io(e.to_string());
+        let file = tempfile::NamedTempFile::new_in(&self.scratch).map_err(io)?;
+        let mut f = file.reopen().map_err(io)?;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(c) => f.write_all(&c).map_err(io)?,
+                Err(_) if !path.is_empty() => return Ok(None),
+                Err(e) => return Err(WorkerError::Docker(e.to_string())),
             }
-            if !ok {
-                continue;
-            }
-            f.flush().map_err(|e| WorkerError::Io(e.to_string()))?;
-            let (d, size) = upload_file(&mut self.clients.content, file.path()).await?;
-            out.push(coordinator::pool::Artifact {
-                stage_key: task.key,
-                path: p.clone(),
-                digest: d.to_hex(),
-                size,
-            });
         }
-        Ok(out)
+        f.flush().map_err(io)?;
+        let (d, size) = upload_file(&mut self.clients.content, file.path()).await?;
+        Ok(Some(coordinator::pool::Artifact {
+            stage_key: task.key,
+            path,
+            digest: d.to_hex(),
+            size,
+        }))
     }
 }
 

@@ -24,7 +24,7 @@ use crate::keys::{compute_keys, Unresolved};
 use crate::pool::{exports, WorkerPool};
 use crate::scheduler::{BuildRequest, PinnedImages, Scheduler};
 use crate::store::BlobStore;
-use crate::task::{BuildInputs, ContextFiles};
+use crate::task::{BlobContext, BuildInputs};
 
 pub struct BuildServer {
     pool: Arc<WorkerPool>,
@@ -39,27 +39,6 @@ impl BuildServer {
             blobs,
             builds: Arc::default(),
         }
-    }
-}
-
-/// Context files from the coordinator's blob store (for executors in this process).
-struct StoredContext {
-    blobs: BlobStore,
-    manifest: Arc<ContextManifest>,
-}
-
-impl ContextFiles for StoredContext {
-    fn open(&self, path: &str) -> std::io::Result<Box<dyn std::io::Read + Send>> {
-        let digest = self
-            .manifest
-            .get(path)
-            .and_then(|e| e.digest())
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, path.to_string()))?;
-        let bytes = self
-            .blobs
-            .read(&digest)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        Ok(Box::new(std::io::Cursor::new(bytes)))
     }
 }
 
@@ -150,7 +129,7 @@ impl BuildService for BuildServer {
         let manifest = Arc::new(manifest);
         let inputs = BuildInputs {
             manifest: Arc::clone(&manifest),
-            context: Arc::new(StoredContext {
+            context: Arc::new(BlobContext {
                 blobs: self.blobs.clone(),
                 manifest,
             }),
