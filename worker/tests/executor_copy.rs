@@ -92,6 +92,8 @@ ADD pkg.tar /opt/plain/
 ADD pkg.tar.gz /opt/gz
 ADD plain.gz /opt/file/
 COPY pkg.tar /opt/copied/
+ADD --chown=1000:1000 pkg.tar /opt/owned/new/
+ADD --chown=app --chmod=0700 pkg.tar.gz /opt/chmodded/
 "#
     );
     let ours = build_ours(&ex, dir.path(), &df).await;
@@ -125,6 +127,8 @@ COPY --chmod=0755 <<-'EOT' /scripts/
 	EOT
 COPY --exclude=*.md docs /nomd/
 COPY --parents src/lib/x.h docs/one.md /p/
+COPY --parents ./src/./lib/x.h ./docs/./*.md /q/
+COPY --parents src/lib /r/
 COPY --from=files /out/*.log /logs/
 "#
     );
@@ -152,6 +156,18 @@ COPY --from=files /out/*.log /logs/
         "/p\n/p/docs\n/p/docs/one.md\n/p/src\n/p/src/lib\n/p/src/lib/x.h\n"
     );
     assert_eq!(sh("stat -c %a /p/src /p/src/lib"), "750\n700\n");
+    // A "/./" in the source is the pivot: only the path below it is kept.
+    assert_eq!(
+        sh("find /q | sort"),
+        "/q\n/q/lib\n/q/lib/x.h\n/q/one.md\n/q/two.md\n"
+    );
+    assert_eq!(sh("stat -c %a /q/lib"), "700\n");
+    // A directory source keeps its own name (and mode) under its parents.
+    assert_eq!(
+        sh("find /r | sort"),
+        "/r\n/r/src\n/r/src/lib\n/r/src/lib/x.h\n"
+    );
+    assert_eq!(sh("stat -c %a /r/src /r/src/lib"), "750\n700\n");
     assert_eq!(sh("ls /logs"), "one.log\ntwo.log\n");
     assert!(
         leftovers(&ex).await.is_empty(),

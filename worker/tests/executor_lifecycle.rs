@@ -214,3 +214,17 @@ async fn missing_image_error_says_how_to_provide_it() {
     assert!(id.starts_with("sha256:"));
     assert!(ex.resolve_image("scratch", false).await.is_err());
 }
+
+#[tokio::test]
+async fn pull_failure_fails_the_resolve() {
+    let ex = executor("tpullfail").await;
+    // This image exists only on the daemon: with --pull the registry must be asked, and
+    // with none reachable (or no such repository) that is an error, not the local copy.
+    let e = ex
+        .resolve_image(BUSYBOX, true)
+        .await
+        .expect_err("--pull without the image in a registry");
+    assert!(e.message.contains(BUSYBOX), "{e:?}");
+    assert!(e.message.contains("--pull"), "{e:?}");
+    assert!(ex.resolve_image(BUSYBOX, false).await.is_ok());
+}

@@ -256,18 +256,61 @@ pub fn parents_dest(dest: &str, src_path: &str) -> String {
     join(dest, parent(&format!("/{src_path}")))
 }
 
-/// For `--parents`: the directories between the context root and the source, with the
-/// context's modes (BuildKit copies them like the source's own directories).
-pub fn parent_dirs(manifest: &ContextManifest, src_path: &str) -> Vec<(String, u32)> {
+/// For `--parents`: splits a source at its pivot, the first `/./` (BuildKit's rule: the
+/// path below the pivot is what is kept under the destination), into the pivot directory
+/// (clean, "" for the context root) and the rest, which may hold wildcards.
+pub fn split_pivot(src: &str) -> Result<(String, String), StageError> {
+    let Some((pivot, below)) = src.split_once("/./") else {
+        return Ok((String::new(), src.to_string()));
+    };
+    let pivot = clean_source(pivot);
+    if has_wildcard(&pivot) {
+        return Err(StageError::new(format!(
+            "COPY --parents {src}: wildcards before the /./ pivot are not supported; put them after it"
+        )));
+    }
+    Ok((pivot, below.to_string()))
+}
+
+/// The part of a context path (`src_path`, below `pivot`) that `--parents` keeps.
+pub fn below_pivot<'p>(src_path: &'p str, pivot: &str) -> &'p str {
+    if pivot.is_empty() {
+        return src_path;
+    }
+    match src_path.strip_prefix(pivot) {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => rest.trim_start_matches('/'),
+        _ => src_path,
+    }
+}
+
+/// For `--parents`: the directories of `kept` (a path below `pivot`) that the copy
+/// recreates, each with its mode in the context (BuildKit copies them like the source's
+/// own directories): every parent, and `kept` itself when the source is a directory.
+pub fn parent_dirs(
+    manifest: &ContextManifest,
+    pivot: &str,
+    kept: &str,
+    include_self: bool,
+) -> Vec<(String, u32)> {
     let mut out = Vec::new();
     let mut cur = String::new();
-    let parts: Vec<&str> = src_path.split('/').filter(|p| !p.is_empty()).collect();
-    for p in parts.iter().take(parts.len().saturating_sub(1)) {
+    let parts: Vec<&str> = kept.split('/').filter(|p| !p.is_empty()).collect();
+    let n = if include_self {
+        parts.len()
+    } else {
+        parts.len().saturating_sub(1)
+    };
+    for p in parts.iter().take(n) {
         if !cur.is_empty() {
             cur.push('/');
         }
         cur.push_str(p);
-        let mode = manifest.get(&cur).map(|e| e.mode).unwrap_or(0o755);
+        let in_context = if pivot.is_empty() {
+            cur.clone()
+        } else {
+            format!("{pivot}/{cur}")
+        };
+        let mode = manifest.get(&in_context).map(|e| e.mode).unwrap_or(0o755);
         out.push((cur.clone(), mode));
     }
     out
@@ -304,6 +347,23 @@ mod tests {
         assert_eq!(parent("/a/b"), "/a");
         assert_eq!(parent("/a"), "/");
         assert_eq!(parents_dest("/d", "a/b/c.txt"), "/d/a/b");
+    }
+
+    #[test]
+    fn parents_pivot() {
+        let split = |s: &str| split_pivot(s).unwrap();
+        assert_eq!(
+            split("./dir/./sub/x.txt"),
+            ("dir".into(), "sub/x.txt".into())
+        );
+        assert_eq!(split("./a/./*/f"), ("a".into(), "*/f".into()));
+        assert_eq!(split("dir/sub/x.txt"), ("".into(), "dir/sub/x.txt".into()));
+        assert_eq!(split("/./x"), ("".into(), "x".into()));
+        assert!(split_pivot("d*/./x").is_err());
+        assert_eq!(below_pivot("dir/sub/x.txt", "dir"), "sub/x.txt");
+        assert_eq!(below_pivot("dir/sub/x.txt", ""), "dir/sub/x.txt");
+        assert_eq!(below_pivot("dirx/y", "dir"), "dirx/y");
+        assert_eq!(below_pivot("dir", "dir"), "");
     }
 
     #[test]

@@ -268,6 +268,87 @@ impl Daemon {
         Ok(())
     }
 
+    /// Puts one more layer (an uncompressed layer tar: files, directories, `.wh.`
+    /// whiteouts) on top of `state`: loads a bare image whose last layer is `layer` under a
+    /// fresh tag (noted in `res`, so the layer lives until the stage's images use it) and
+    /// returns `state` with that layer's diff id appended.
+    pub async fn add_layer(
+        &self,
+        state: &ImageState,
+        layer: Vec<u8>,
+        res: &Resources,
+    ) -> Result<ImageState, StageError> {
+        let mut next = ImageState {
+            config: ImageConfig::default(),
+            author: None,
+            ..state.clone()
+        };
+        next.layers
+            .push(format!("sha256:{}", super::sha256::hex(&layer)));
+        let tag = format!("dbuild-bare:{}", self.unique("l").replace('/', "-"));
+        res.image(&tag);
+        let mut tar = tar::Builder::new(Vec::new());
+        let fail = |e: std::io::Error| StageError::new(format!("build layer archive: {e}"));
+        append_bytes(&mut tar, "config.json", &next.to_json(Some(&tag))).map_err(fail)?;
+        // Layers the daemon already has are found by chain id; only the new one is sent.
+        let layers: Vec<String> = (0..next.layers.len())
+            .map(|l| format!("layer-{l}/layer.tar"))
+            .collect();
+        append_bytes(&mut tar, layers.last().expect("one layer at least"), &layer).map_err(fail)?;
+        let manifest = json!([{ "Config": "config.json", "RepoTags": [tag], "Layers": layers }]);
+        append_bytes(&mut tar, "manifest.json", manifest.to_string().as_bytes()).map_err(fail)?;
+        let bytes = tar.into_inner().map_err(fail)?;
+        let opts = ImportImageOptionsBuilder::default().quiet(true).build();
+        let mut stream = self
+            .docker
+            .import_image(opts, bollard::body_full(bytes.into()), None);
+        while let Some(item) = stream.next().await {
+            item.map_err(|e| derr("docker load of a layer", e))?;
+        }
+        Ok(ImageState {
+            layers: next.layers,
+            ..state.clone()
+        })
+    }
+
+    /// Mode bits, uid and gid of `path` in a container (what `stat` cannot tell), from the
+    /// first header of its archive; the rest of the archive is never read.
+    pub async fn owner_and_mode(
+        &self,
+        container: &str,
+        path: &str,
+    ) -> Result<(u32, u32, u32), StageError> {
+        let opts = DownloadFromContainerOptionsBuilder::default()
+            .path(path)
+            .build();
+        let mut stream = self.docker.download_from_container(container, Some(opts));
+        let mut buf = Vec::new();
+        // A header, plus room for a PAX header before it.
+        while buf.len() < 4096 {
+            match stream.next().await {
+                Some(chunk) => buf.extend_from_slice(
+                    &chunk.map_err(|e| derr(format!("read {path} from container"), e))?,
+                ),
+                None => break,
+            }
+        }
+        drop(stream);
+        let mut ar = tar::Archive::new(buf.as_slice());
+        let first = ar
+            .entries()
+            .ok()
+            .and_then(|mut e| e.next())
+            .and_then(Result::ok)
+            .ok_or_else(|| StageError::new(format!("read {path} from container: no entry")))?;
+        let h = first.header();
+        let num = |v: std::io::Result<u64>| v.map(|n| n as u32).unwrap_or(0);
+        Ok((
+            h.mode().unwrap_or(0o755) & 0o7777,
+            num(h.uid()),
+            num(h.gid()),
+        ))
+    }
+
     /// Loads an image with `state`'s layers and an empty config under a fresh tag (noted
     /// in `res`), so containers made from it see exactly the config they are given.
     pub async fn bare_image(

@@ -1,29 +1,29 @@
-//! The filesystem steps of a stage: WORKDIR's mkdir, COPY/ADD and RUN. Each works in a
+//! The filesystem steps of a stage: WORKDIR's mkdir and COPY/ADD (RUN: `run_step.rs`),
+//! and the helpers they share with RUN. Each works in a
 //! container made from a bare image of the current state and ends with a commit whose
 //! layers become the state's layers (the config is written later, by `docker load`).
 use std::collections::BTreeMap;
 
 use bollard::models::{ContainerCreateBody, HostConfig};
 use coordinator::context::IgnoreMatcher;
-use coordinator::frontend::instructions::{Copy, MountType, Run};
+use coordinator::frontend::instructions::Copy;
 use coordinator::frontend::parser::chomp_heredoc_content;
 use coordinator::task::{stage_image_tag, StageError, TaskInstruction, TaskSource};
 
 use super::copy::{self as cp, CopyPlanner};
 use super::docker::ImageState;
 use super::fetch;
-use super::run::{self, MountPrepSource, RunOutcome, RunSpec};
 use super::tree::{self, Content, Kind, Node, SourceTree};
 use super::users;
 use super::{DockerExecutor, StageRun};
 
 /// Where a COPY --from or a bind mount reads.
-enum FromImage {
+pub(super) enum FromImage {
     Reference(String),
     Scratch,
 }
 
-fn from_image(src: Option<&TaskSource>, written: Option<&str>) -> Option<FromImage> {
+pub(super) fn from_image(src: Option<&TaskSource>, written: Option<&str>) -> Option<FromImage> {
     match (src, written) {
         (Some(TaskSource::Scratch), _) => Some(FromImage::Scratch),
         (Some(TaskSource::Image { id, .. }), _) => Some(FromImage::Reference(id.clone())),
@@ -42,16 +42,25 @@ impl DockerExecutor {
         self.container_of(st, &state).await
     }
 
-    async fn container_of(
+    pub(super) async fn container_of(
         &self,
         st: &StageRun<'_>,
         state: &ImageState,
     ) -> Result<String, StageError> {
         let bare = self.daemon.bare_image(state, st.res).await?;
+        self.container_from(st, &bare).await
+    }
+
+    /// A never-started container of a bare image, without network or mounts.
+    pub(super) async fn container_from(
+        &self,
+        st: &StageRun<'_>,
+        bare: &str,
+    ) -> Result<String, StageError> {
         self.daemon
             .create(
                 ContainerCreateBody {
-                    image: Some(bare),
+                    image: Some(bare.to_string()),
                     host_config: Some(HostConfig {
                         network_mode: Some("none".into()),
                         ..Default::default()
@@ -63,7 +72,7 @@ impl DockerExecutor {
             .await
     }
 
-    async fn empty_bare(&self, st: &mut StageRun<'_>) -> Result<String, StageError> {
+    pub(super) async fn empty_bare(&self, st: &mut StageRun<'_>) -> Result<String, StageError> {
         if let Some(b) = &st.empty_bare {
             return Ok(b.clone());
         }
@@ -75,7 +84,11 @@ impl DockerExecutor {
         Ok(b)
     }
 
-    async fn commit(&self, st: &mut StageRun<'_>, container: &str) -> Result<(), StageError> {
+    pub(super) async fn commit(
+        &self,
+        st: &mut StageRun<'_>,
+        container: &str,
+    ) -> Result<(), StageError> {
         st.state.layers = self.daemon.commit_layers(container, st.res).await?;
         Ok(())
     }
@@ -152,7 +165,7 @@ impl DockerExecutor {
     }
 
     /// The source trees a `--from` source path selects (wildcards resolved).
-    async fn image_sources(
+    pub(super) async fn image_sources(
         &self,
         container: &str,
         src: &str,
@@ -266,6 +279,9 @@ impl DockerExecutor {
             _ => None,
         };
         let mut trees: Vec<SourceTree> = Vec::new();
+        // For `--parents`: the context directory each tree's kept path starts below
+        // (BuildKit's pivot, `/./` in the source; "" is the context root).
+        let mut pivots: Vec<String> = Vec::new();
         let mut archives: Vec<Vec<u8>> = Vec::new();
         for src in &c.sources {
             if let Some(h) = heredoc_source(src, c) {
@@ -274,6 +290,7 @@ impl DockerExecutor {
                 } else {
                     h.content.clone()
                 };
+                pivots.push(String::new());
                 trees.push(tree::bytes_tree(&h.name, data.into_bytes(), 0o644));
                 continue;
             }
@@ -286,6 +303,7 @@ impl DockerExecutor {
                     .await
                     .map_err(|e| StageError::new(e.to_string()))?
                     .map_err(StageError::new)?;
+                pivots.push(String::new());
                 trees.push(tree::bytes_tree(&fetch::url_file_name(src), data, 0o600));
                 continue;
             }
@@ -307,15 +325,22 @@ impl DockerExecutor {
                             "failed to compute cache key: \"{src}\": not found"
                         )));
                     }
+                    pivots.extend(found.iter().map(|_| String::new()));
                     trees.extend(found);
                 }
                 _ => {
                     let manifest = &st.inputs.manifest;
-                    let matches = cp::context_matches(manifest, src);
+                    let (pivot, below) = if c.parents {
+                        cp::split_pivot(src)?
+                    } else {
+                        (String::new(), src.clone())
+                    };
+                    let path = format!("{pivot}/{below}");
+                    let matches = cp::context_matches(manifest, &path);
                     if matches.is_empty() {
                         return Err(StageError::new(format!(
                             "failed to compute cache key: \"/{}\": not found",
-                            coordinator::keys::clean_source(src)
+                            coordinator::keys::clean_source(&path)
                         )));
                     }
                     for m in matches {
@@ -326,16 +351,23 @@ impl DockerExecutor {
                                 continue;
                             }
                         }
+                        pivots.push(pivot.clone());
                         trees.push(t);
                     }
                 }
             }
         }
         let mut planner = CopyPlanner::new(&self.daemon, &work, owner, chmod);
-        for t in &trees {
+        for (t, pivot) in trees.iter().zip(&pivots) {
             if c.parents && from.is_none() {
-                let d = cp::parents_dest(&dest, &t.path);
-                for (dir, mode) in cp::parent_dirs(&st.inputs.manifest, &t.path) {
+                let kept = cp::below_pivot(&t.path, pivot);
+                // A directory source keeps its own name too: its contents go inside it.
+                let d = if t.is_dir() {
+                    cp::join(&dest, kept)
+                } else {
+                    cp::parents_dest(&dest, kept)
+                };
+                for (dir, mode) in cp::parent_dirs(&st.inputs.manifest, pivot, kept, t.is_dir()) {
                     let at = cp::join(&dest, &dir);
                     planner.mkdir_all(cp::parent(&at)).await?;
                     let (uid, gid) = owner.unwrap_or((0, 0));
@@ -408,121 +440,6 @@ impl DockerExecutor {
         }
         Ok(Some(data))
     }
-
-    /// RUN.
-    pub(super) async fn step_run(
-        &self,
-        st: &mut StageRun<'_>,
-        r: &Run,
-        args: &BTreeMap<String, String>,
-        ti: Option<&TaskInstruction>,
-    ) -> Result<(), StageError> {
-        let config = st.state.config.clone();
-        let (argv, script) = run::run_argv(r, &config);
-        let env = run::run_env(&config, args);
-        let mut binds: Vec<Option<MountPrepSource>> = Vec::new();
-        for (i, m) in r.mounts.iter().enumerate() {
-            if m.kind != MountType::Bind {
-                binds.push(None);
-                continue;
-            }
-            let src = m.source.clone().unwrap_or_else(|| ".".into());
-            let from = from_image(
-                ti.and_then(|t| t.mount_from.get(i))
-                    .and_then(Option::as_ref),
-                m.from.as_deref(),
-            );
-            binds.push(Some(match from {
-                Some(FromImage::Scratch) => MountPrepSource::Nodes(BTreeMap::new()),
-                Some(FromImage::Reference(reference)) => {
-                    let (_, state) = self.daemon.inspect(&reference).await?.ok_or_else(|| {
-                        StageError::new(format!(
-                            "RUN --mount from={reference}: image not on this daemon"
-                        ))
-                    })?;
-                    let c = self.container_of(st, &state).await?;
-                    let trees = self.image_sources(&c, &src).await?;
-                    let t = trees.into_iter().next().ok_or_else(|| {
-                        StageError::new(format!(
-                            "RUN --mount source {src}: not found in {reference}"
-                        ))
-                    })?;
-                    MountPrepSource::Nodes(tree_nodes(&t)?)
-                }
-                None => {
-                    let t = cp::context_source(&st.inputs.manifest, &src)?;
-                    MountPrepSource::Nodes(tree_nodes(&t)?)
-                }
-            }));
-        }
-        let plan = run::plan_mounts(
-            &self.daemon,
-            st.res,
-            &self.locks,
-            r,
-            &config.working_dir,
-            binds,
-            &st.inputs.secrets,
-            script,
-        )
-        .await?;
-        if !plan.prep.is_empty() {
-            let helper = self.empty_bare(st).await?;
-            run::fill_volumes(
-                &self.daemon,
-                st.res,
-                &helper,
-                plan.prep,
-                st.inputs.context.clone(),
-            )
-            .await?;
-        }
-        let image = self.daemon.bare_image(&st.state, st.res).await?;
-        let mut guards = Vec::new();
-        for l in &plan.locks {
-            guards.push(l.clone().lock_owned().await);
-        }
-        let spec = RunSpec {
-            image,
-            argv: argv.clone(),
-            env,
-            user: config.user.clone(),
-            workdir: config.working_dir.clone(),
-            network: match r.network.as_deref() {
-                Some("none") => Some("none".into()),
-                Some("host") => Some("host".into()),
-                _ => self.run_network.clone(),
-            },
-            mounts: plan.mounts,
-            tmpfs: plan.tmpfs,
-        };
-        let outcome = run::run_container(
-            &self.daemon,
-            st.res,
-            spec,
-            st.task.stage,
-            st.logs,
-            st.cancel,
-        )
-        .await?;
-        drop(guards);
-        match outcome {
-            RunOutcome::Cancelled => Err(StageError::cancelled()),
-            RunOutcome::Failed { code, tail } => Err(StageError {
-                message: format!(
-                    "process \"{}\" did not complete successfully: exit code: {code}",
-                    argv.join(" ")
-                ),
-                line: ti.map(|t| t.line),
-                log_tail: tail,
-                cancelled: false,
-            }),
-            RunOutcome::Exited { container, elapsed } => {
-                st.command_time += elapsed;
-                self.commit(st, &container).await
-            }
-        }
-    }
 }
 
 /// The heredoc a COPY source names (`<<EOF`, `<<-EOF`, `<<"EOF"`), if any.
@@ -535,35 +452,4 @@ fn heredoc_source<'c>(
         .trim_start_matches('-')
         .trim_matches(|ch| ch == '"' || ch == '\'');
     c.heredocs.iter().find(|h| h.name == name)
-}
-
-/// A tree as nodes relative to a volume root (bind mounts).
-fn tree_nodes(t: &SourceTree) -> Result<BTreeMap<String, Node>, StageError> {
-    if !t.is_dir() {
-        return Err(StageError::new(format!(
-            "bind mount of the single file {:?} is not supported by this executor yet: mount its directory",
-            t.path
-        )));
-    }
-    Ok(t.entries
-        .iter()
-        .filter(|e| !e.rel.is_empty())
-        .map(|e| {
-            let kind = match &e.kind {
-                Kind::Hardlink(h) => Kind::Hardlink(format!("/{h}")),
-                k => k.clone(),
-            };
-            let uid = if t.keep_owner { e.uid } else { 0 };
-            let gid = if t.keep_owner { e.gid } else { 0 };
-            (
-                format!("/{}", e.rel),
-                Node {
-                    kind,
-                    mode: e.mode,
-                    uid,
-                    gid,
-                },
-            )
-        })
-        .collect())
 }

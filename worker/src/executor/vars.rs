@@ -176,8 +176,13 @@ mod tests {
         v.track(&env, None, &cli, '\\').unwrap();
         assert_eq!(v.get("S"), Some("from-env"));
         // An ARG given no value at all leaves the environment alone.
-        v.track(&arg("S", None), Some(&arg("S", None)), &BTreeMap::new(), '\\')
-            .unwrap();
+        v.track(
+            &arg("S", None),
+            Some(&arg("S", None)),
+            &BTreeMap::new(),
+            '\\',
+        )
+        .unwrap();
         assert_eq!(v.get("S"), Some("from-env"));
         assert_eq!(v.to_env().last().unwrap(), "S=from-env");
     }

@@ -2,7 +2,7 @@
 //! builds, and filesystem/config comparison of two images. Real daemon, no mocks.
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 use std::process::Command;
@@ -14,11 +14,12 @@ use bollard::query_parameters::{
 };
 use coordinator::context::{scan, ScanOptions};
 use coordinator::frontend::parser::parse;
-use coordinator::frontend::plan::{plan, PlanOptions, StageRef};
-use coordinator::keys::{compute_keys, BaseResolver};
+use coordinator::frontend::plan::{plan, PlanOptions};
+use coordinator::keys::compute_keys;
+use coordinator::scheduler::{external_images, stage_task, BuildRequest, PinnedImages};
 use coordinator::task::{
     stage_image_tag, BuildInputs, Executor, LocalContext, StageError, StageLog, StageResult,
-    StageTask, TaskBase, TaskInstruction, TaskSource,
+    StageTask,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -141,14 +142,6 @@ pub fn write_context(dir: &Path, files: &[(&str, u32, &[u8])]) {
     }
 }
 
-struct MapResolver(HashMap<String, String>);
-
-impl BaseResolver for MapResolver {
-    fn resolve(&self, reference: &str) -> Option<String> {
-        self.0.get(reference).cloned()
-    }
-}
-
 /// The tasks of every stage the target needs, in order, and the build's inputs.
 pub async fn tasks(
     ex: &DockerExecutor,
@@ -156,85 +149,47 @@ pub async fn tasks(
     dockerfile: &str,
     secrets: BTreeMap<String, Vec<u8>>,
 ) -> (Vec<StageTask>, BuildInputs) {
+    tasks_with(ex, dir, dockerfile, secrets, BTreeMap::new()).await
+}
+
+/// [`tasks`] with `--build-arg` values. The tasks are made the one way the scheduler makes
+/// them ([`stage_task`] of a [`BuildRequest`]), with every external image pinned on `ex`.
+pub async fn tasks_with(
+    ex: &DockerExecutor,
+    dir: &Path,
+    dockerfile: &str,
+    secrets: BTreeMap<String, Vec<u8>>,
+    build_args: BTreeMap<String, String>,
+) -> (Vec<StageTask>, BuildInputs) {
     std::fs::write(dir.join("Dockerfile"), dockerfile).unwrap();
     let df = parse(dockerfile.as_bytes()).expect("parse");
-    let plan = plan(&df, &PlanOptions::default()).expect("plan");
-    let (manifest, _) = scan(dir, &ScanOptions::default()).expect("scan");
-    let mut resolved = HashMap::new();
-    let refs = plan.stages.iter().flat_map(|s| {
-        std::iter::once(&s.base).chain(
-            s.instructions
-                .iter()
-                .flat_map(|i| i.copy_from.iter().chain(i.mount_from.iter().flatten())),
-        )
-    });
-    for r in refs {
-        if let StageRef::Image(reference) = r {
-            let id = ex.resolve_image(reference, false).await.expect("resolve");
-            resolved.insert(reference.clone(), id);
-        }
-    }
-    let keys = compute_keys(&plan, &manifest, &MapResolver(resolved.clone()));
-    let source = |r: &StageRef| match r {
-        StageRef::Scratch => TaskSource::Scratch,
-        StageRef::Image(reference) => TaskSource::Image {
-            reference: reference.clone(),
-            id: resolved[reference].clone(),
-        },
-        StageRef::Stage(i) => TaskSource::Stage {
-            index: *i,
-            key: keys[*i].key,
-        },
+    let opts = PlanOptions {
+        build_args,
+        ..PlanOptions::default()
     };
-    let mut out = Vec::new();
-    for (stage, k) in plan.stages.iter().zip(&keys) {
-        if !plan.built[stage.index] {
-            continue;
-        }
-        out.push(StageTask {
-            build_id: "test".into(),
-            stage: stage.index,
-            name: stage.name.clone(),
-            key: k.key,
-            base: match &stage.base {
-                StageRef::Scratch => TaskBase::Scratch,
-                StageRef::Image(reference) => TaskBase::Image {
-                    reference: reference.clone(),
-                    id: resolved[reference].clone(),
-                },
-                StageRef::Stage(i) => TaskBase::Stage {
-                    index: *i,
-                    key: keys[*i].key,
-                },
-            },
-            platform: stage
-                .platform
-                .clone()
-                .unwrap_or_else(|| plan.platform.to_string()),
-            instructions: stage
-                .instructions
-                .iter()
-                .zip(&k.chain[1..])
-                .map(|(pi, link)| TaskInstruction {
-                    instruction: pi.instruction.clone(),
-                    raw: pi.raw.clone(),
-                    args: pi.args.clone(),
-                    key: link.key,
-                    source: pi.source.clone(),
-                    line: pi.start_line,
-                    copy_from: pi.copy_from.as_ref().map(source),
-                    mount_from: pi
-                        .mount_from
-                        .iter()
-                        .map(|m| m.as_ref().map(source))
-                        .collect(),
-                })
-                .collect(),
-            escape: df.directives.escape,
-            no_cache: true,
-            build_args: plan.build_args.clone(),
-        });
+    let plan = plan(&df, &opts).expect("plan");
+    let (manifest, _) = scan(dir, &ScanOptions::default()).expect("scan");
+    let mut pinned = BTreeMap::new();
+    for reference in external_images(&plan) {
+        let id = ex.resolve_image(&reference, false).await.expect("resolve");
+        pinned.insert(reference, id);
     }
+    let pinned = PinnedImages(pinned);
+    let keys = compute_keys(&plan, &manifest, &pinned);
+    let req = BuildRequest {
+        build_id: "test".into(),
+        plan: Arc::new(plan),
+        keys: Arc::new(keys),
+        pinned,
+        no_cache: true,
+    };
+    let out = req
+        .plan
+        .stages
+        .iter()
+        .filter(|s| req.plan.built[s.index])
+        .map(|s| stage_task(&req, s.index))
+        .collect();
     let inputs = BuildInputs {
         manifest: Arc::new(manifest),
         context: Arc::new(LocalContext {
