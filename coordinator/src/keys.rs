@@ -21,8 +21,9 @@ use crate::digest::{hex, parse_hex32};
 use crate::frontend::instructions::{Instruction, MountType};
 use crate::frontend::plan::{Plan, PlannedInstruction, Stage, StageRef};
 
-/// Bumped whenever the encoding below changes, so old cache entries stop matching.
-const KEY_CONTEXT: &str = "dbuild 2026-11 instruction key v1";
+/// Bumped whenever the encoding below or the executor's semantics change, so results
+/// built under the old rules stop matching (the executor is part of what makes the output).
+const KEY_CONTEXT: &str = "dbuild 2026-11 instruction key v2";
 
 /// The key of one instruction of a stage's chain.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
