@@ -30,6 +30,8 @@ enum Command {
     Worker(commands::farm::WorkerArgs),
     /// List the workers registered with a coordinator.
     Workers(commands::farm::WorkersArgs),
+    /// For every stage: cache hit or miss, and for a miss what changed since its last build.
+    Explain(commands::explain::ExplainArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
         Command::Coordinator(args) => commands::farm::coordinator(args),
         Command::Worker(args) => commands::farm::worker(args),
         Command::Workers(args) => commands::farm::workers(args),
+        Command::Explain(args) => commands::explain::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

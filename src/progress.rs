@@ -29,10 +29,12 @@ fn short(key: &str) -> &str {
     &key[..key.len().min(12)]
 }
 
-/// Consumes events until the sender is dropped.
+/// Consumes events until the sender is dropped. `why` holds, per stage, why its key
+/// differs from its last recorded build: plain progress prints it when the stage starts.
 pub async fn render(
     mode: ProgressMode,
     plan: Arc<Plan>,
+    why: BTreeMap<usize, Vec<String>>,
     mut events: UnboundedReceiver<BuildEvent>,
 ) {
     let mode = match mode {
@@ -51,7 +53,13 @@ pub async fn render(
         ProgressMode::Tty => render_tty(plan, events).await,
         _ => {
             while let Some(e) = events.recv().await {
-                let _ = writeln!(std::io::stderr(), "{}", plain_line(&e));
+                let mut err = std::io::stderr().lock();
+                let _ = writeln!(err, "{}", plain_line(&e));
+                if let BuildEvent::StageStarted { stage, name, .. } = &e {
+                    for r in why.get(stage).into_iter().flatten() {
+                        let _ = writeln!(err, "{} rebuilt: {r}", label(*stage, name));
+                    }
+                }
             }
         }
     }

@@ -2,6 +2,7 @@
 pub mod analysis;
 pub mod context;
 pub mod digest;
+pub mod explain;
 pub mod frontend;
 pub mod keys;
 pub mod pool;

@@ -1,4 +1,6 @@
+pub mod explain;
 pub mod farm;
+pub mod history;
 pub mod parse;
 pub mod plan;
 pub mod remote;

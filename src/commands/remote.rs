@@ -87,7 +87,12 @@ pub async fn submit(
         .map_err(|e| anyhow::anyhow!("{}", e.message()))?
         .into_inner();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let renderer = tokio::spawn(progress::render(args.progress, Arc::new(analysis.plan), rx));
+    let renderer = tokio::spawn(progress::render(
+        args.progress,
+        Arc::new(analysis.plan),
+        Default::default(),
+        rx,
+    ));
     let mut failed: Option<BuildEvent> = None;
     let mut finished: Option<BuildEvent> = None;
     let mut image_blob: Option<BlobDigest> = None;

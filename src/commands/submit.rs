@@ -10,7 +10,8 @@ use coordinator::scheduler::{external_images, BuildError, BuildRequest, PinnedIm
 use coordinator::task::{BuildInputs, Executor, LocalContext};
 use tokio_util::sync::CancellationToken;
 
-use super::spec::BuildSpec;
+use super::history::{dockerfile_id, open_index, remember, why_rebuilt};
+use super::spec::{data_dir, BuildSpec};
 use crate::output::{self, Output};
 use crate::progress::{self, ProgressMode};
 
@@ -116,19 +117,13 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
             .await
             .context("connecting to the Docker daemon")?,
     );
-    // Pin every external image once; the pinned ids enter the keys.
-    let mut pinned = PinnedImages::default();
-    for reference in external_images(&analysis.plan) {
-        if reference.eq_ignore_ascii_case("scratch") {
-            continue;
-        }
-        let id = executor
-            .resolve_image(&reference, args.pull)
-            .await
-            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-        pinned.0.insert(reference, id);
-    }
-    let keys = compute_keys(&analysis.plan, &analysis.manifest, &pinned);
+    let (pinned, keys) = pin_and_key(&*executor, &analysis, args.pull).await?;
+    let history = open_index(&data_dir(args.spec.data_dir.clone()));
+    let history_id = dockerfile_id(&dockerfile);
+    let why = history
+        .as_ref()
+        .map(|h| why_rebuilt(h, &history_id, &analysis.plan, &keys))
+        .unwrap_or_default();
     let plan = Arc::new(analysis.plan);
     let request = BuildRequest {
         build_id: format!("{}-{}", std::process::id(), keys[plan.target].key.to_hex()),
@@ -150,6 +145,7 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     let renderer = tokio::spawn(progress::render(
         args.progress,
         Arc::clone(&plan),
+        why,
         events_rx,
     ));
     let cancel = CancellationToken::new();
@@ -174,6 +170,10 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
             ))
         }
     };
+    if let Some(h) = &history {
+        let built = outcome.results.keys().chain(&outcome.cached).copied();
+        remember(h, &history_id, &plan, &request.keys, built);
+    }
     output::deliver(
         args.docker_host.as_deref(),
         &output,
@@ -186,6 +186,28 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
             .with_context(|| format!("writing --iidfile {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Pins every external image the build reads to its id on the executor's daemon (pulling
+/// per `pull`), then keys the plan with those ids.
+pub(crate) async fn pin_and_key(
+    executor: &dyn Executor,
+    analysis: &coordinator::analysis::Analysis,
+    pull: bool,
+) -> anyhow::Result<(PinnedImages, Vec<coordinator::keys::StageKeys>)> {
+    let mut pinned = PinnedImages::default();
+    for reference in external_images(&analysis.plan) {
+        if reference.eq_ignore_ascii_case("scratch") {
+            continue;
+        }
+        let id = executor
+            .resolve_image(&reference, pull)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        pinned.0.insert(reference, id);
+    }
+    let keys = compute_keys(&analysis.plan, &analysis.manifest, &pinned);
+    Ok((pinned, keys))
 }
 
 /// The one message a failed build ends with: stage, Dockerfile line, error, last log lines.

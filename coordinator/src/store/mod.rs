@@ -15,6 +15,8 @@ pub enum Tree {
     Blobs,
     /// Schema version and counters.
     Meta,
+    /// `<Dockerfile id>/<stage name>` → the most recent build's key inputs (for explain).
+    History,
 }
 
 impl Tree {
@@ -23,6 +25,7 @@ impl Tree {
             Tree::Stages => "stages",
             Tree::Blobs => "blobs",
             Tree::Meta => "meta",
+            Tree::History => "history",
         }
     }
 }
