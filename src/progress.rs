@@ -169,11 +169,14 @@ async fn render_tty(plan: Arc<Plan>, mut events: UnboundedReceiver<BuildEvent>) 
             | BuildEvent::StageFailed { stage, name, .. } => {
                 let b = bar(&multi, *stage, name);
                 b.set_style(done_style.clone());
+                // The bar's prefix already names the stage.
+                let line = plain_line(&e);
+                let prefix = label(*stage, name);
                 b.finish_with_message(
-                    plain_line(&e)
-                        .split_once(' ')
-                        .map(|(_, r)| r.to_string())
-                        .unwrap_or_default(),
+                    line.strip_prefix(&prefix)
+                        .unwrap_or(&line)
+                        .trim_start()
+                        .to_string(),
                 );
             }
             BuildEvent::BuildFinished { .. } => {
