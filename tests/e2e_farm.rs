@@ -353,3 +353,86 @@ fn farm_builds_across_workers_and_daemons() {
     }
     drop(second);
 }
+
+/// A worker that dies mid-stage loses its lease; the stage is placed again on another
+/// worker and the build still succeeds.
+#[test]
+fn a_silent_worker_loses_its_stage_to_another() {
+    let base = Command::new(root().join("examples/base-images.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        base.status.success(),
+        "{}",
+        String::from_utf8_lossy(&base.stderr)
+    );
+    let data = tempfile::tempdir().unwrap();
+    let (_coord, url) = start_coordinator(&data.path().join("coord"));
+    let mut w1 = start_worker(&url, "doomed", 1, &data.path().join("w1"), None);
+    wait_for_workers(&url, 1);
+    let id = std::process::id();
+    let ctx = write_ctx(&format!(
+        "FROM alpine:latest\nRUN echo lease-{id} && sleep 6 && echo done > /done\n"
+    ));
+    let t = format!("dbuild-farm-test:lease-{id}");
+    let client = data.path().join("client");
+    let (url2, ctx_path, client2, t2) = (
+        url.clone(),
+        ctx.path().to_path_buf(),
+        client.clone(),
+        t.clone(),
+    );
+    let submit_thread =
+        std::thread::spawn(move || submit(&url2, &ctx_path, &["-t", &t2, "--no-cache"], &client2));
+    // Wait until the doomed worker runs the stage, then kill it without a word.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new(DBUILD)
+            .args(["workers", "--coordinator", &url])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with("doomed") && l.contains(" 1  busy"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stage never reached the first worker"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = w1.0.kill();
+    let _ = w1.0.wait();
+    let _w2 = start_worker(&url, "heir", 1, &data.path().join("w2"), None);
+    let r = submit_thread.join().unwrap();
+    assert!(r.ok, "{}", r.stderr);
+    let started: Vec<&str> = r
+        .events
+        .iter()
+        .filter(|e| e["event"] == "stage_started")
+        .filter_map(|e| e["worker"].as_str())
+        .collect();
+    assert_eq!(started, vec!["doomed", "heir"]);
+    assert_eq!(run_image(&t, &["cat", "/done"]).trim(), "done");
+    // The killed worker could not clean up its container: the test does.
+    let out = Command::new("docker")
+        .args(["ps", "-aq", "--filter", "name=dbuild-w-doomed"])
+        .output()
+        .unwrap();
+    for c in String::from_utf8_lossy(&out.stdout).lines() {
+        let _ = Command::new("docker").args(["rm", "-f", c]).output();
+    }
+    let out = Command::new("docker")
+        .args(["images", "--format", "{{.Repository}}:{{.Tag}}"])
+        .output()
+        .unwrap();
+    for img in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|i| i.contains("dbuild-w-doomed"))
+    {
+        let _ = Command::new("docker").args(["rmi", "-f", img]).output();
+    }
+    let _ = Command::new("docker").args(["rmi", &t]).output();
+}
