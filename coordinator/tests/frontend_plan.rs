@@ -389,3 +389,21 @@ fn syntax_directive_names_only_the_standard_frontend() {
     assert_eq!(e.line, Some(1));
     assert!(e.message.contains("example.com/my/frontend:1"), "{e}");
 }
+
+#[test]
+fn a_stage_built_from_a_stage_inherits_its_args() {
+    // BuildKit: ARG values in scope at the end of a stage are still set in a stage built
+    // FROM it (checked against this daemon's BuildKit).
+    let p = ok("FROM scratch AS parent\nARG X=from-parent\nFROM parent\nENV Y=$X\nRUN true\n");
+    match &p.stages[1].instructions[0].instruction {
+        Instruction::Env(kv) => assert_eq!(kv[0].1, "from-parent"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        p.stages[1].instructions[1]
+            .build_args
+            .get("X")
+            .map(String::as_str),
+        Some("from-parent")
+    );
+}

@@ -303,7 +303,9 @@ pub fn plan(df: &Dockerfile, opts: &PlanOptions) -> Result<Plan, PlanError> {
 
     let mut stages: Vec<Stage> = Vec::new();
     let mut names: BTreeMap<String, usize> = BTreeMap::new();
-    let mut stage_env: Vec<BTreeMap<String, String>> = Vec::new();
+    // What each finished stage leaves to a stage built FROM it: its ENV, and (as BuildKit
+    // does) the ARG values in scope at its end.
+    let mut stage_scope: Vec<Scope> = Vec::new();
     for (index, ((node, body), from)) in stage_nodes.iter().zip(froms).enumerate() {
         let line = node.start_line;
         let base_exp = lexer
@@ -364,10 +366,7 @@ pub fn plan(df: &Dockerfile, opts: &PlanOptions) -> Result<Plan, PlanError> {
         };
         let (mut scope, external_root, mut pending_triggers) = match &base {
             StageRef::Stage(p) => (
-                Scope {
-                    env: stage_env[*p].clone(),
-                    args: BTreeMap::new(),
-                },
+                stage_scope[*p].clone(),
                 stages[*p].external_root,
                 onbuild_triggers(&stages[*p], df.directives.escape)?,
             ),
@@ -416,7 +415,7 @@ pub fn plan(df: &Dockerfile, opts: &PlanOptions) -> Result<Plan, PlanError> {
         if let Some(n) = &stage.name {
             names.insert(n.clone(), index);
         }
-        stage_env.push(scope.env);
+        stage_scope.push(scope);
         stages.push(stage);
     }
 
