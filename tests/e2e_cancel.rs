@@ -1,6 +1,7 @@
 //! Ctrl-C during `dbuild submit`: every running stage is cancelled, the command exits
 //! non-zero, and no container or temporary volume is left on the daemon.
-use std::path::Path;
+mod support;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,14 +26,7 @@ fn containers_of(id: &str) -> Vec<String> {
 
 #[test]
 fn ctrl_c_cancels_every_stage_and_leaves_nothing() {
-    let base = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/base-images.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        base.status.success(),
-        "{}",
-        String::from_utf8_lossy(&base.stderr)
-    );
+    support::base_images();
     let ctx = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
     std::fs::write(

@@ -1,5 +1,8 @@
 //! `dbuild explain` and the reasons `submit --progress plain` prints, on the real daemon.
+mod support;
+
 use std::path::Path;
+
 use std::process::Command;
 
 const DBUILD: &str = env!("CARGO_BIN_EXE_dbuild");
@@ -19,14 +22,7 @@ fn run(args: &[&str], data: &Path) -> (bool, String, String) {
 
 #[test]
 fn explain_names_the_changed_file_and_build_arg() {
-    let base = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/base-images.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        base.status.success(),
-        "{}",
-        String::from_utf8_lossy(&base.stderr)
-    );
+    support::base_images();
     let ctx = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
     let c = ctx.path();
