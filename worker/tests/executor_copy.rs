@@ -175,3 +175,39 @@ COPY --from=files /out/*.log /logs/
         leftovers(&ex).await
     );
 }
+
+/// COPY and WORKDIR write their layers by hand when they can (no commit): the directories
+/// above what they write must keep their modes and owners, a symlinked destination must
+/// still be followed, and a COPY after a RUN, a cache hit of an earlier step and several
+/// `--from` reads of one image must all see the right state.
+#[tokio::test]
+async fn layers_written_by_hand_match_buildkit() {
+    let ex = executor("thandlayers").await;
+    let dir = tempfile::tempdir().unwrap();
+    context(dir.path());
+    let df = format!(
+        r#"FROM {BUSYBOX} AS src
+RUN mkdir -p /data/sub && echo one > /data/sub/f && echo two > /data/g
+
+FROM {BUSYBOX}
+RUN mkdir -p /a/b /real && chown 12:34 /a && chmod 0750 /a && chmod 0701 /a/b && ln -s /real /link
+COPY a.txt /a/b/
+COPY b.sh /a/b/c/d/
+WORKDIR /a/b/w
+COPY --from=src /data/sub /a/b/fromsub/
+COPY --from=src /data/g /data/sub/f /a/
+COPY a.txt /link/
+COPY a.txt /link/deeper/
+RUN stat -c '%n %a %u %g %F' /a /a/b /a/b/w /real /real/deeper /link > /listing
+COPY secret.key /a/b/c/
+"#
+    );
+    let ours = build_ours(&ex, dir.path(), &df).await;
+    build_buildkit(dir.path(), &df, "dbuild-worker-bk:handlayers");
+    assert_same(&ours, "dbuild-worker-bk:handlayers");
+    assert!(
+        leftovers(&ex).await.is_empty(),
+        "{:?}",
+        leftovers(&ex).await
+    );
+}

@@ -8,7 +8,7 @@
 //! the source overwrite the mode and owner of existing ones, the destination root keeps
 //! its own; files keep their mode unless `--chmod`; context files are owned by root,
 //! files from `--from` keep their owner unless `--chown`.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use coordinator::context::{path_match, ContextManifest, IgnoreMatcher};
 use coordinator::keys::clean_source;
@@ -16,34 +16,41 @@ use coordinator::task::StageError;
 
 use super::config::clean_abs;
 use super::docker::Daemon;
+use super::layers::Mirror;
 use super::tree::{context_tree, Kind, Node, SourceTree};
 
 /// Plans the nodes one COPY writes.
 pub struct CopyPlanner<'a> {
     pub daemon: &'a Daemon,
     /// A container of the image being copied into (never started), for stats.
-    pub container: &'a str,
+    pub container: String,
+    /// When `container` is the stage's mirror: what earlier steps wrote into it.
+    pub mirror: Option<&'a mut Mirror>,
     pub owner: Option<(u32, u32)>,
     pub chmod: Option<u32>,
     pub nodes: BTreeMap<String, Node>,
     /// Stat cache: absolute path → is a directory (`None`: missing).
-    seen: HashMap<String, Option<bool>>,
+    pub seen: HashMap<String, Option<bool>>,
+    /// Paths that are symlinks in the container (followed by `is_dir`).
+    pub linked: HashSet<String>,
 }
 
 impl<'a> CopyPlanner<'a> {
     pub fn new(
         daemon: &'a Daemon,
-        container: &'a str,
+        container: &str,
         owner: Option<(u32, u32)>,
         chmod: Option<u32>,
     ) -> Self {
         CopyPlanner {
             daemon,
-            container,
+            container: container.to_string(),
+            mirror: None,
             owner,
             chmod,
             nodes: BTreeMap::new(),
             seen: HashMap::new(),
+            linked: HashSet::new(),
         }
     }
 
@@ -55,11 +62,22 @@ impl<'a> CopyPlanner<'a> {
         if let Some(v) = self.seen.get(path) {
             return Ok(*v);
         }
-        let v = self
-            .daemon
-            .stat_follow(self.container, path)
-            .await?
-            .map(|s| s.is_dir);
+        if let Some(m) = self.mirror.as_deref_mut() {
+            if let Some(known) = m.known_dir(path) {
+                return Ok(Some(known));
+            }
+            m.sync_for(self.daemon, path).await?;
+        }
+        let v = match self.daemon.stat(&self.container, path).await? {
+            Some(s) if s.is_symlink => {
+                self.linked.insert(path.to_string());
+                self.daemon
+                    .stat_follow(&self.container, &s.link_target)
+                    .await?
+                    .map(|s| s.is_dir)
+            }
+            other => other.map(|s| s.is_dir),
+        };
         self.seen.insert(path.to_string(), v);
         Ok(v)
     }

@@ -7,6 +7,7 @@
 //! are created from a *bare* image (same layers, empty config) and every result image is
 //! written with `docker load` from its exact config; the daemon reuses layers it already
 //! has by chain id, so the archive holds only JSON.
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -72,6 +73,17 @@ impl ImageState {
     }
 }
 
+/// Awaits `f`, logging how long it took at debug level (`docker_call`, `what`, `ms`).
+pub async fn timed<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    let t = std::time::Instant::now();
+    let out = f.await;
+    tracing::debug!(what, ms = t.elapsed().as_secs_f64() * 1000.0, "docker call");
+    out
+}
+
+/// Layers written by the executor that the daemon does not have yet: diff id → tar.
+pub type NewLayers = HashMap<String, Arc<Vec<u8>>>;
+
 /// A Docker error as a stage error, saying what was being done.
 pub fn derr(what: impl std::fmt::Display, e: bollard::errors::Error) -> StageError {
     StageError::new(format!("{what}: {e}"))
@@ -129,7 +141,7 @@ impl Resources {
                 .force(true)
                 .v(true)
                 .build();
-            if let Err(e) = docker.remove_container(c, Some(opts)).await {
+            if let Err(e) = timed("rm_container", docker.remove_container(c, Some(opts))).await {
                 if !is_not_found(&e) {
                     tracing::warn!(container = %c, error = %e, "could not remove container");
                 }
@@ -146,8 +158,11 @@ impl Resources {
         }
         let images = std::mem::take(&mut *self.images.lock().unwrap());
         for i in images.iter().rev() {
-            let opts = RemoveImageOptionsBuilder::default().noprune(false).build();
-            if let Err(e) = docker.remove_image(i, Some(opts), None).await {
+            // Never prune: a committed image's parent can be the state's own image (a RUN
+            // or COPY container made from it directly), which is not ours to remove. Every
+            // image made here is registered and removed explicitly.
+            let opts = RemoveImageOptionsBuilder::default().noprune(true).build();
+            if let Err(e) = timed("rm_image", docker.remove_image(i, Some(opts), None)).await {
                 if !is_not_found(&e) {
                     tracing::debug!(image = %i, error = %e, "could not remove image");
                 }
@@ -218,7 +233,7 @@ impl Daemon {
         &self,
         reference: &str,
     ) -> Result<Option<(String, ImageState)>, StageError> {
-        match self.docker.inspect_image(reference).await {
+        match timed("inspect_image", self.docker.inspect_image(reference)).await {
             Ok(i) => {
                 let state = ImageState {
                     layers: i.root_fs.and_then(|r| r.layers).unwrap_or_default(),
@@ -236,20 +251,34 @@ impl Daemon {
     }
 
     /// Writes images with `docker load`: each `(state, tags)` becomes one image tagged
-    /// with every tag. The layers must already exist on the daemon.
+    /// with every tag. Each layer must exist on the daemon or be in `new_layers` (diff id →
+    /// layer tar): those are sent with the images, and removed from `new_layers` once the
+    /// daemon has them.
     pub async fn load(
         &self,
         images: &[(&ImageState, Vec<String>, Option<&str>)],
+        new_layers: &mut NewLayers,
     ) -> Result<(), StageError> {
+        let fail = |e: std::io::Error| StageError::new(format!("build image archive: {e}"));
         let mut tar = tar::Builder::new(Vec::new());
         let mut manifest = Vec::new();
+        // Chains already sent in this archive (the daemon then finds them by chain id).
+        let mut sent: HashSet<&[String]> = HashSet::new();
+        let mut used = Vec::new();
         for (i, (state, tags, comment)) in images.iter().enumerate() {
             let name = format!("config-{i}.json");
-            append_bytes(&mut tar, &name, &state.to_json(*comment))
-                .map_err(|e| StageError::new(format!("build image archive: {e}")))?;
-            let layers: Vec<String> = (0..state.layers.len())
-                .map(|l| format!("layer-{i}-{l}/layer.tar"))
-                .collect();
+            append_bytes(&mut tar, &name, &state.to_json(*comment)).map_err(fail)?;
+            let mut layers = Vec::new();
+            for (l, diff) in state.layers.iter().enumerate() {
+                let file = format!("layer-{i}-{l}/layer.tar");
+                if let Some(data) = new_layers.get(diff) {
+                    if sent.insert(&state.layers[..=l]) {
+                        append_bytes(&mut tar, &file, data).map_err(fail)?;
+                        used.push(diff.clone());
+                    }
+                }
+                layers.push(file);
+            }
             manifest.push(json!({ "Config": name, "RepoTags": tags, "Layers": layers }));
         }
         let manifest = serde_json::to_vec(&manifest).expect("manifest serializes");
@@ -262,8 +291,15 @@ impl Daemon {
         let mut stream = self
             .docker
             .import_image(opts, bollard::body_full(bytes.into()), None);
-        while let Some(item) = stream.next().await {
-            item.map_err(|e| derr("docker load of an image config", e))?;
+        timed("load", async {
+            while let Some(item) = stream.next().await {
+                item.map_err(|e| derr("docker load of an image config", e))?;
+            }
+            Ok::<(), StageError>(())
+        })
+        .await?;
+        for d in used {
+            new_layers.remove(&d);
         }
         Ok(())
     }
@@ -355,6 +391,7 @@ impl Daemon {
         &self,
         state: &ImageState,
         res: &Resources,
+        new_layers: &mut NewLayers,
     ) -> Result<String, StageError> {
         let bare = ImageState {
             config: ImageConfig::default(),
@@ -364,8 +401,11 @@ impl Daemon {
         let tag = format!("dbuild-bare:{}", self.unique("b").replace('/', "-"));
         let comment = tag.clone();
         res.image(&tag);
-        self.load(&[(&bare, vec![tag.clone()], Some(comment.as_str()))])
-            .await?;
+        self.load(
+            &[(&bare, vec![tag.clone()], Some(comment.as_str()))],
+            new_layers,
+        )
+        .await?;
         Ok(tag)
     }
 
@@ -381,11 +421,12 @@ impl Daemon {
         }
         let name = self.unique("c");
         let opts = CreateContainerOptionsBuilder::default().name(&name).build();
-        let r = self
-            .docker
-            .create_container(Some(opts), body)
-            .await
-            .map_err(|e| derr("create container", e))?;
+        let r = timed(
+            "create_container",
+            self.docker.create_container(Some(opts), body),
+        )
+        .await
+        .map_err(|e| derr("create container", e))?;
         res.container(&r.id);
         Ok(r.id)
     }
@@ -395,10 +436,12 @@ impl Daemon {
         let opts = ContainerArchiveInfoOptionsBuilder::default()
             .path(path)
             .build();
-        match self
-            .docker
-            .get_container_archive_info(container, Some(opts))
-            .await
+        match timed(
+            "stat",
+            self.docker
+                .get_container_archive_info(container, Some(opts)),
+        )
+        .await
         {
             Ok(s) => Ok(Some(PathStat {
                 is_dir: s.file_mode & GO_MODE_DIR != 0,
@@ -438,12 +481,15 @@ impl Daemon {
             .path(path)
             .build();
         let mut stream = self.docker.download_from_container(container, Some(opts));
-        let mut out = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| derr(format!("read {path} from container"), e))?;
-            out.extend_from_slice(&chunk);
-        }
-        Ok(out)
+        timed("download", async {
+            let mut out = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| derr(format!("read {path} from container"), e))?;
+                out.extend_from_slice(&chunk);
+            }
+            Ok(out)
+        })
+        .await
     }
 
     /// Extracts a tar archive (plain or compressed) at `path` in a container.
@@ -456,10 +502,13 @@ impl Daemon {
         let opts = UploadToContainerOptionsBuilder::default()
             .path(path)
             .build();
-        self.docker
-            .upload_to_container(container, Some(opts), bollard::body_full(tar.into()))
-            .await
-            .map_err(|e| derr(format!("write files into container at {path}"), e))
+        timed(
+            "upload",
+            self.docker
+                .upload_to_container(container, Some(opts), bollard::body_full(tar.into())),
+        )
+        .await
+        .map_err(|e| derr(format!("write files into container at {path}"), e))
     }
 
     /// Commits a container's changes as a new (temporary, noted in `res`) image and
@@ -473,11 +522,13 @@ impl Daemon {
             .container(container)
             .pause(false)
             .build();
-        let r = self
-            .docker
-            .commit_container(opts, bollard::models::ContainerConfig::default())
-            .await
-            .map_err(|e| derr("commit container", e))?;
+        let r = timed(
+            "commit",
+            self.docker
+                .commit_container(opts, bollard::models::ContainerConfig::default()),
+        )
+        .await
+        .map_err(|e| derr("commit container", e))?;
         let id = r.id;
         res.image(&id);
         match self.inspect(&id).await? {
@@ -493,8 +544,7 @@ impl Daemon {
             .repo(repo)
             .tag(t)
             .build();
-        self.docker
-            .tag_image(image, Some(opts))
+        timed("tag", self.docker.tag_image(image, Some(opts)))
             .await
             .map_err(|e| derr(format!("tag {image} as {tag}"), e))
     }

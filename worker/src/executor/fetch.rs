@@ -96,8 +96,15 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         let t = std::thread::spawn(move || {
             let (mut c, _) = l.accept().unwrap();
-            let mut buf = [0u8; 1024];
-            let _ = c.read(&mut buf).unwrap();
+            // Read the whole request: closing with unread bytes would reset the
+            // connection before the client reads the answer.
+            let (mut req, mut buf) = (Vec::new(), [0u8; 1024]);
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut buf).unwrap() {
+                    0 => break,
+                    n => req.extend_from_slice(&buf[..n]),
+                }
+            }
             c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello")
                 .unwrap();
         });

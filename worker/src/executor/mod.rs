@@ -5,7 +5,9 @@ mod config;
 mod copy;
 mod docker;
 mod fetch;
+mod layers;
 mod mounts;
+mod prefetch;
 mod run;
 mod run_step;
 mod sha256;
@@ -27,6 +29,7 @@ use coordinator::task::{
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub use config::{ImageConfig, DEFAULT_PATH};
 pub use docker::ImageState;
@@ -119,6 +122,15 @@ pub(crate) struct StageRun<'a> {
     pub command_time: Duration,
     /// A bare image with no layers (helper containers), made on first use.
     pub empty_bare: Option<String>,
+    /// A container following `state`'s filesystem, for planning (see `layers.rs`).
+    pub mirror: Option<layers::Mirror>,
+    /// Layers of `state` (and pending images) written by hand, not on the daemon yet.
+    pub new_layers: docker::NewLayers,
+    /// Never-started containers of other images (COPY --from, bind mounts), by reference.
+    pub read_containers: std::collections::HashMap<String, String>,
+    /// COPY --from sources read ahead (`prefetch.rs`), and whether that happened.
+    pub prefetched: prefetch::Prefetched,
+    pub prefetch_done: bool,
 }
 
 impl DockerExecutor {
@@ -189,6 +201,11 @@ impl DockerExecutor {
             pending: Vec::new(),
             command_time: Duration::ZERO,
             empty_bare: None,
+            mirror: None,
+            new_layers: Default::default(),
+            read_containers: Default::default(),
+            prefetched: Default::default(),
+            prefetch_done: false,
         };
         let (mut executed, mut reused) = (0, 0);
         for ti in &task.instructions {
@@ -201,6 +218,7 @@ impl DockerExecutor {
                     self.flush(&mut st).await?;
                     st.state = s;
                     st.id = Some(id);
+                    st.mirror = None;
                     // The committed image holds what the instruction (and any pending
                     // ONBUILD trigger) did; the environment is not in it, so replay that.
                     for trigger in std::mem::take(&mut triggers) {
@@ -253,7 +271,7 @@ impl DockerExecutor {
             }
             _ => st.pending.push((st.state.clone(), vec![stage_tag.clone()])),
         }
-        self.flush(&mut st).await?;
+        docker::timed("final flush", self.flush(&mut st)).await?;
         let (image_id, _) = self
             .daemon
             .inspect(&stage_tag)
@@ -280,7 +298,7 @@ impl DockerExecutor {
             .iter()
             .map(|(s, tags)| (s, tags.clone(), None))
             .collect();
-        self.daemon.load(&images).await
+        self.daemon.load(&images, &mut st.new_layers).await
     }
 
     /// Runs one instruction (expanded here, against the stage's environment) on the stage
@@ -292,7 +310,7 @@ impl DockerExecutor {
         ti: Option<&coordinator::task::TaskInstruction>,
     ) -> Result<(), StageError> {
         let ins = st.vars.expand(raw, st.task.escape)?;
-        self.dispatch(st, &ins, ti).await?;
+        docker::timed(ins.keyword(), self.dispatch(st, &ins, ti)).await?;
         let planned = ti.map(|t| &t.instruction);
         st.vars
             .track(&ins, planned, &st.task.build_args, st.task.escape)
@@ -397,8 +415,14 @@ impl Executor for DockerExecutor {
         cancel: CancellationToken,
     ) -> Result<StageResult, StageError> {
         let res = Resources::default();
-        let result = self.stage(&task, &inputs, &logs, &cancel, &res).await;
-        res.cleanup(&self.daemon.docker).await;
+        let span = tracing::debug_span!("stage", n = task.stage);
+        let result = self
+            .stage(&task, &inputs, &logs, &cancel, &res)
+            .instrument(span.clone())
+            .await;
+        docker::timed("cleanup", res.cleanup(&self.daemon.docker))
+            .instrument(span)
+            .await;
         match result {
             Err(e) if cancel.is_cancelled() && !e.cancelled => Err(StageError::cancelled()),
             r => r,

@@ -101,7 +101,8 @@ pub async fn run_container(
     let body = ContainerCreateBody {
         image: Some(spec.image.clone()),
         cmd: Some(spec.argv),
-        entrypoint: None,
+        // Reset: the image may be the state's own, with its entrypoint.
+        entrypoint: Some(Vec::new()),
         env: Some(spec.env),
         user: (!spec.user.is_empty()).then_some(spec.user),
         working_dir: (!spec.workdir.is_empty()).then_some(spec.workdir),
@@ -121,9 +122,7 @@ pub async fn run_container(
         return Ok(RunOutcome::Cancelled);
     }
     let started = Instant::now();
-    daemon
-        .docker
-        .start_container(&id, None)
+    super::docker::timed("start", daemon.docker.start_container(&id, None))
         .await
         .map_err(|e| derr("start RUN container", e))?;
     let log_task = {
@@ -183,6 +182,7 @@ pub async fn run_container(
         }
     };
     let elapsed = started.elapsed();
+    tracing::debug!(ms = elapsed.as_secs_f64() * 1000.0, "run start+wait");
     let tail = log_task.await.unwrap_or_default();
     if code != 0 {
         return Ok(RunOutcome::Failed { code, tail });

@@ -7,6 +7,7 @@ use coordinator::task::{StageError, TaskInstruction};
 
 use super::config::clean_abs;
 use super::copy as cp;
+use super::layers::direct_ok;
 use super::mounts::{self, BindSource};
 use super::run::{self, RunOutcome, RunSpec};
 use super::steps::{from_image, FromImage};
@@ -46,7 +47,27 @@ impl DockerExecutor {
             )
             .await?;
         }
-        let image = self.daemon.bare_image(&st.state, st.res).await?;
+        let env = st.vars.to_env();
+        // The state's own image when creating a container of it adds nothing: no volume,
+        // no health check, no variable the RUN does not set anyway (the entrypoint is
+        // always reset).
+        let image = match &st.id {
+            Some(id)
+                if direct_ok(&st.state.config)
+                    && st.state.config.env.iter().all(|kv| {
+                        let k = kv.split_once('=').map_or(kv.as_str(), |(k, _)| k);
+                        env.iter()
+                            .any(|e| e.split_once('=').map(|(n, _)| n) == Some(k))
+                    }) =>
+            {
+                id.clone()
+            }
+            _ => {
+                self.daemon
+                    .bare_image(&st.state, st.res, &mut st.new_layers)
+                    .await?
+            }
+        };
         let created = self.missing_paths(st, &image, &plan.file_targets).await?;
         let mut guards = Vec::new();
         for l in &plan.locks {
@@ -55,7 +76,7 @@ impl DockerExecutor {
         let spec = RunSpec {
             image,
             argv: argv.clone(),
-            env: st.vars.to_env(),
+            env,
             user: config.user.clone(),
             workdir: config.working_dir.clone(),
             network: match r.network.as_deref() {
@@ -117,12 +138,9 @@ impl DockerExecutor {
             binds.push(Some(match from {
                 Some(FromImage::Scratch) => BindSource::Dir(BTreeMap::new()),
                 Some(FromImage::Reference(reference)) => {
-                    let (_, state) = self.daemon.inspect(&reference).await?.ok_or_else(|| {
-                        StageError::new(format!(
-                            "RUN --mount from={reference}: image not on this daemon"
-                        ))
-                    })?;
-                    let c = self.container_of(st, &state).await?;
+                    let c = self
+                        .read_container(st, &reference, "RUN --mount from")
+                        .await?;
                     let trees = self.image_sources(&c, &src).await?;
                     let t = trees.into_iter().next().ok_or_else(|| {
                         StageError::new(format!(
@@ -150,7 +168,7 @@ impl DockerExecutor {
         }
         // A container without the RUN's mounts: the archive API mounts a container's
         // mounts while it looks, which would create the very mount points in question.
-        let c = self.container_from(st, image).await?;
+        let c = self.plain_container(st, image).await?;
         let mut out = Vec::new();
         for t in targets {
             if let Some(p) = self.resolve_missing(&c, t).await? {

@@ -4,7 +4,7 @@
 //! layers become the state's layers (the config is written later, by `docker load`).
 use std::collections::BTreeMap;
 
-use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::models::ContainerCreateBody;
 use coordinator::context::IgnoreMatcher;
 use coordinator::frontend::instructions::Copy;
 use coordinator::frontend::parser::chomp_heredoc_content;
@@ -12,7 +12,9 @@ use coordinator::task::{stage_image_tag, StageError, TaskInstruction, TaskSource
 
 use super::copy::{self as cp, CopyPlanner};
 use super::docker::ImageState;
+use super::docker::Resources;
 use super::fetch;
+use super::layers::{direct_ok, plain_body};
 use super::tree::{self, Content, Kind, Node, SourceTree};
 use super::users;
 use super::{DockerExecutor, StageRun};
@@ -36,40 +38,46 @@ pub(super) fn from_image(src: Option<&TaskSource>, written: Option<&str>) -> Opt
 }
 
 impl DockerExecutor {
-    /// A never-started container of the current state (from a bare image).
+    /// A never-started container of the current state, whose changes a commit takes.
     async fn work_container(&self, st: &mut StageRun<'_>) -> Result<String, StageError> {
-        let state = st.state.clone();
-        self.container_of(st, &state).await
+        let image = self.state_image(st).await?;
+        self.plain_container(st, &image).await
     }
 
-    pub(super) async fn container_of(
+    /// A never-started container of an image on the daemon, to read from (one per image
+    /// and stage: nothing writes into it).
+    pub(super) async fn read_container(
         &self,
-        st: &StageRun<'_>,
-        state: &ImageState,
+        st: &mut StageRun<'_>,
+        reference: &str,
+        what: &str,
     ) -> Result<String, StageError> {
-        let bare = self.daemon.bare_image(state, st.res).await?;
-        self.container_from(st, &bare).await
+        if let Some(c) = st.read_containers.get(reference) {
+            return Ok(c.clone());
+        }
+        let c = self.new_read_container(st.res, reference, what).await?;
+        st.read_containers.insert(reference.to_string(), c.clone());
+        Ok(c)
     }
 
-    /// A never-started container of a bare image, without network or mounts.
-    pub(super) async fn container_from(
+    /// A new never-started container of an image on the daemon, to read from.
+    pub(super) async fn new_read_container(
         &self,
-        st: &StageRun<'_>,
-        bare: &str,
+        res: &Resources,
+        reference: &str,
+        what: &str,
     ) -> Result<String, StageError> {
-        self.daemon
-            .create(
-                ContainerCreateBody {
-                    image: Some(bare.to_string()),
-                    host_config: Some(HostConfig {
-                        network_mode: Some("none".into()),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-                st.res,
-            )
-            .await
+        let (id, state) = self.daemon.inspect(reference).await?.ok_or_else(|| {
+            StageError::new(format!("{what}: image {reference} is not on this daemon"))
+        })?;
+        let image = if direct_ok(&state.config) {
+            id
+        } else {
+            self.daemon
+                .bare_image(&state, res, &mut Default::default())
+                .await?
+        };
+        self.daemon.create(plain_body(&image), res).await
     }
 
     pub(super) async fn empty_bare(&self, st: &mut StageRun<'_>) -> Result<String, StageError> {
@@ -78,7 +86,11 @@ impl DockerExecutor {
         }
         let b = self
             .daemon
-            .bare_image(&ImageState::empty(&st.task.platform), st.res)
+            .bare_image(
+                &ImageState::empty(&st.task.platform),
+                st.res,
+                &mut Default::default(),
+            )
             .await?;
         st.empty_bare = Some(b.clone());
         Ok(b)
@@ -90,6 +102,7 @@ impl DockerExecutor {
         container: &str,
     ) -> Result<(), StageError> {
         st.state.layers = self.daemon.commit_layers(container, st.res).await?;
+        st.mirror = None;
         Ok(())
     }
 
@@ -147,21 +160,23 @@ impl DockerExecutor {
         st: &mut StageRun<'_>,
         wd: &str,
     ) -> Result<(), StageError> {
-        let c = self.work_container(st).await?;
+        let mut mirror = self.take_mirror(st).await?;
         let user = st.state.config.user.clone();
         let owner = if user.is_empty() {
             None
         } else {
-            Some(self.owner(&c, &user).await?)
+            self.sync_user_files(&mut mirror, &user).await?;
+            Some(self.owner(&mirror.container, &user).await?)
         };
-        let mut planner = CopyPlanner::new(&self.daemon, &c, owner, None);
+        let mut planner = CopyPlanner::new(&self.daemon, &mirror.container, owner, None);
+        planner.mirror = Some(&mut mirror);
         planner.mkdir_all(wd).await?;
-        if planner.nodes.is_empty() {
-            return Ok(());
+        let keep =
+            planner.nodes.is_empty() || self.finish_step(st, planner, Vec::new(), "/").await?;
+        if keep {
+            st.mirror = Some(mirror);
         }
-        let nodes = std::mem::take(&mut planner.nodes);
-        self.upload_nodes(st, &c, "/", nodes).await?;
-        self.commit(st, &c).await
+        Ok(())
     }
 
     /// The source trees a `--from` source path selects (wildcards resolved).
@@ -257,9 +272,12 @@ impl DockerExecutor {
                 "When using {kw} with more than one source file, the destination must be a directory and end with a /"
             )));
         }
-        let work = self.work_container(st).await?;
+        let mut mirror = self.take_mirror(st).await?;
         let owner = match &c.chown {
-            Some(spec) if !spec.is_empty() => Some(self.owner(&work, spec).await?),
+            Some(spec) if !spec.is_empty() => {
+                self.sync_user_files(&mut mirror, spec).await?;
+                Some(self.owner(&mirror.container, spec).await?)
+            }
             _ => None,
         };
         let chmod = c.chmod.as_deref().map(cp::parse_chmod).transpose()?;
@@ -271,10 +289,7 @@ impl DockerExecutor {
         let from = from_image(ti.and_then(|t| t.copy_from.as_ref()), c.from.as_deref());
         let from_container = match &from {
             Some(FromImage::Reference(r)) => {
-                let (_, state) = self.daemon.inspect(r).await?.ok_or_else(|| {
-                    StageError::new(format!("{kw} --from: image {r} is not on this daemon"))
-                })?;
-                Some(self.container_of(st, &state).await?)
+                Some(self.read_container(st, r, &format!("{kw} --from")).await?)
             }
             _ => None,
         };
@@ -318,8 +333,10 @@ impl DockerExecutor {
                     "failed to compute cache key: \"{src}\": not found (--from=scratch is empty)"
                 )))
                 }
-                (_, Some(fc)) => {
-                    let found = self.image_sources(fc, src).await?;
+                (Some(FromImage::Reference(r)), Some(fc)) => {
+                    let index = ti
+                        .and_then(|t| st.task.instructions.iter().position(|x| std::ptr::eq(x, t)));
+                    let found = self.copy_from_sources(st, r, fc, src, index).await?;
                     if found.is_empty() {
                         return Err(StageError::new(format!(
                             "failed to compute cache key: \"{src}\": not found"
@@ -357,7 +374,8 @@ impl DockerExecutor {
                 }
             }
         }
-        let mut planner = CopyPlanner::new(&self.daemon, &work, owner, chmod);
+        let mut planner = CopyPlanner::new(&self.daemon, &mirror.container, owner, chmod);
+        planner.mirror = Some(&mut mirror);
         for (t, pivot) in trees.iter().zip(&pivots) {
             if c.parents && from.is_none() {
                 let kept = cp::below_pivot(&t.path, pivot);
@@ -388,14 +406,54 @@ impl DockerExecutor {
         if !archives.is_empty() {
             planner.mkdir_all(&dest).await?;
         }
-        let nodes = std::mem::take(&mut planner.nodes);
+        if self.finish_step(st, planner, archives, &dest).await? {
+            st.mirror = Some(mirror);
+        }
+        Ok(())
+    }
+
+    /// Ends a COPY/ADD/WORKDIR planned against the mirror: a layer written by hand when it
+    /// can be (see `layers.rs`), else the nodes (and archives, extracted at `dest`)
+    /// uploaded into a fresh container of the current state, and a commit. Returns
+    /// whether the mirror still follows the state.
+    async fn finish_step(
+        &self,
+        st: &mut StageRun<'_>,
+        mut planner: CopyPlanner<'_>,
+        archives: Vec<Vec<u8>>,
+        dest: &str,
+    ) -> Result<bool, StageError> {
+        let nodes = if archives.is_empty() {
+            match self.try_write_layer(st, planner).await? {
+                None => return Ok(true),
+                Some(nodes) => nodes,
+            }
+        } else {
+            std::mem::take(&mut planner.nodes)
+        };
+        // The state's new layers reach the daemon with the work container's bare image.
+        let work = self.work_container(st).await?;
         if !nodes.is_empty() {
             self.upload_nodes(st, &work, "/", nodes).await?;
         }
         for a in archives {
-            self.daemon.upload(&work, &dest, a).await?;
+            self.daemon.upload(&work, dest, a).await?;
         }
-        self.commit(st, &work).await
+        self.commit(st, &work).await?;
+        Ok(false)
+    }
+
+    /// Makes the mirror's `/etc/passwd` and `/etc/group` current, if `spec` names users.
+    async fn sync_user_files(
+        &self,
+        mirror: &mut super::layers::Mirror,
+        spec: &str,
+    ) -> Result<(), StageError> {
+        if users::needs_files(spec) {
+            mirror.sync_for(&self.daemon, "/etc/passwd").await?;
+            mirror.sync_for(&self.daemon, "/etc/group").await?;
+        }
+        Ok(())
     }
 
     /// For ADD: the bytes of a context file that is a tar archive (plain or compressed
