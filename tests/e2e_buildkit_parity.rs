@@ -57,6 +57,7 @@ parity_cases!(
     run_network,
     scratch,
     shell_forms,
+    stage_args,
     target,
     user_groups,
     workdir_user,

@@ -188,13 +188,21 @@ impl DockerExecutor {
         let started = Instant::now();
         let (state, id, triggers) = self.base_state(task).await?;
         let mut triggers = parse_triggers(&triggers, task.escape)?;
+        let mut vars = StageVars::from_config(&state.config);
+        // A stage built FROM a stage keeps the ARG values in scope at that stage's end (as
+        // BuildKit does); the plan hands them over as the first instruction's ARGs.
+        if let (TaskBase::Stage { .. }, Some(first)) = (&task.base, task.instructions.first()) {
+            for (k, v) in &first.args {
+                vars.set(k, v);
+            }
+        }
         let mut st = StageRun {
             task,
             inputs,
             logs,
             cancel,
             res,
-            vars: StageVars::from_config(&state.config),
+            vars,
             state,
             id,
             flags: Default::default(),
