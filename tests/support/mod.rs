@@ -6,7 +6,8 @@
 pub mod compare;
 pub mod corpus;
 pub mod images;
-pub mod sha256;
+/// SHA-256 as the executor computes it (Docker's layer digests).
+pub use worker::executor::sha256;
 pub mod snapshot;
 pub mod tarball;
 

@@ -10,7 +10,7 @@ mod mounts;
 mod prefetch;
 mod run;
 mod run_step;
-mod sha256;
+pub mod sha256;
 mod steps;
 mod tree;
 mod users;
