@@ -71,13 +71,7 @@ impl SecondDaemon {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if docker(&d.host(), &["version"]).status.success() {
-                let ok = Command::new(root().join("examples/base-images.sh"))
-                    .env("DOCKER_HOST", d.host())
-                    .output()
-                    .map_err(|e| e.to_string())?;
-                if !ok.status.success() {
-                    return Err(String::from_utf8_lossy(&ok.stderr).into_owned());
-                }
+                base_images(Some(&d.host()))?;
                 return Ok(d);
             }
             std::thread::sleep(Duration::from_millis(300));
@@ -110,6 +104,20 @@ impl Drop for SecondDaemon {
             .arg("-R")
             .arg(self.dir.path())
             .status();
+    }
+}
+
+/// The stand-in base images (examples/base-images.sh) on the local daemon or `host`.
+fn base_images(host: Option<&str>) -> Result<(), String> {
+    let mut cmd = Command::new(root().join("examples/base-images.sh"));
+    if let Some(h) = host {
+        cmd.env("DOCKER_HOST", h);
+    }
+    let out = cmd.output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
 
@@ -247,14 +255,7 @@ fn write_ctx(dockerfile: &str) -> tempfile::TempDir {
 
 #[test]
 fn farm_builds_across_workers_and_daemons() {
-    let base = Command::new(root().join("examples/base-images.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        base.status.success(),
-        "{}",
-        String::from_utf8_lossy(&base.stderr)
-    );
+    base_images(None).unwrap();
     let second = match SecondDaemon::start() {
         Ok(d) => d,
         Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
@@ -358,14 +359,7 @@ fn farm_builds_across_workers_and_daemons() {
 /// worker and the build still succeeds.
 #[test]
 fn a_silent_worker_loses_its_stage_to_another() {
-    let base = Command::new(root().join("examples/base-images.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        base.status.success(),
-        "{}",
-        String::from_utf8_lossy(&base.stderr)
-    );
+    base_images(None).unwrap();
     let data = tempfile::tempdir().unwrap();
     let (_coord, url) = start_coordinator(&data.path().join("coord"));
     let mut w1 = start_worker(&url, "doomed", 1, &data.path().join("w1"), None);

@@ -448,7 +448,6 @@ impl TaskCtx {
     /// Loads the stage images the task needs and lacks; turns copied-path artifacts into a
     /// small image the COPY --from reads instead of the stage's image.
     async fn import(&mut self, task: &mut StageTask, a: &TaskAssignment) -> Result<(), StageError> {
-        let werr = |e: WorkerError| StageError::new(e.to_string());
         let mut by_key: BTreeMap<StageKey, Vec<coordinator::pool::Artifact>> = BTreeMap::new();
         for pb in &a.imports {
             let art = artifact(pb).map_err(|e| StageError::new(e.message().to_string()))?;
@@ -459,14 +458,7 @@ impl TaskCtx {
                 continue;
             }
             if let Some(img) = arts.iter().find(|a| a.path.is_empty()) {
-                let d = BlobDigest::from_hex(&img.digest).expect("validated");
-                download_to(&mut self.clients.content, &self.blobs, &d)
-                    .await
-                    .map_err(werr)?;
-                let bytes = self
-                    .blobs
-                    .read(&d)
-                    .map_err(|e| StageError::new(e.to_string()))?;
+                let bytes = self.fetch_blob(&img.digest).await?;
                 let opts = ImportImageOptionsBuilder::default().quiet(true).build();
                 let mut s = self
                     .docker
@@ -481,14 +473,7 @@ impl TaskCtx {
             if !self.has_image(&reference).await {
                 let mut rootfs = tar::Builder::new(Vec::new());
                 for art in &arts {
-                    let d = BlobDigest::from_hex(&art.digest).expect("validated");
-                    download_to(&mut self.clients.content, &self.blobs, &d)
-                        .await
-                        .map_err(werr)?;
-                    let bytes = self
-                        .blobs
-                        .read(&d)
-                        .map_err(|e| StageError::new(e.to_string()))?;
+                    let bytes = self.fetch_blob(&art.digest).await?;
                     reprefix(&mut rootfs, &bytes, parent_of(&art.path))
                         .map_err(|e| StageError::new(format!("artifact {}: {e}", art.path)))?;
                 }
@@ -540,6 +525,18 @@ impl TaskCtx {
             }
         }
         Ok(())
+    }
+
+    /// An artifact's bytes: downloaded into the local blob cache if missing, read verified.
+    async fn fetch_blob(&mut self, digest_hex: &str) -> Result<Vec<u8>, StageError> {
+        let d = BlobDigest::from_hex(digest_hex)
+            .ok_or_else(|| StageError::new(format!("bad artifact digest {digest_hex:?}")))?;
+        download_to(&mut self.clients.content, &self.blobs, &d)
+            .await
+            .map_err(|e| StageError::new(e.to_string()))?;
+        self.blobs
+            .read(&d)
+            .map_err(|e| StageError::new(e.to_string()))
     }
 
     async fn has_image(&self, reference: &str) -> bool {
