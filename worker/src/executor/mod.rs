@@ -3,6 +3,7 @@
 //! builder. BuildKit's output for the same Dockerfile is the reference for every rule.
 mod config;
 mod copy;
+mod diff_layer;
 mod docker;
 mod fetch;
 mod layers;

@@ -7,6 +7,7 @@ use coordinator::task::{StageError, TaskInstruction};
 
 use super::config::clean_abs;
 use super::copy as cp;
+use super::diff_layer;
 use super::layers::direct_ok;
 use super::mounts::{self, BindSource};
 use super::run::{self, RunOutcome, RunSpec};
@@ -48,6 +49,13 @@ impl DockerExecutor {
             .await?;
         }
         let env = st.vars.to_env();
+        let targets: Vec<String> = plan
+            .mounts
+            .iter()
+            .filter_map(|m| m.target.clone())
+            .chain(plan.tmpfs.keys().cloned())
+            .map(|t| clean_abs(&t))
+            .collect();
         // The state's own image when creating a container of it adds nothing: no volume,
         // no health check, no variable the RUN does not set anyway (the entrypoint is
         // always reset).
@@ -110,8 +118,23 @@ impl DockerExecutor {
             }),
             RunOutcome::Exited { container, elapsed } => {
                 st.command_time += elapsed;
-                self.commit(st, &container).await?;
-                self.remove_mount_points(st, &container, &created).await
+                match diff_layer::layer_from_changes(&self.daemon, &container, &created, &targets)
+                    .await?
+                {
+                    Some(None) => Ok(()),
+                    Some(Some(layer)) => {
+                        let diff = format!("sha256:{}", super::sha256::hex(&layer));
+                        st.new_layers
+                            .insert(diff.clone(), std::sync::Arc::new(layer));
+                        st.state.layers.push(diff);
+                        st.mirror = None;
+                        Ok(())
+                    }
+                    None => {
+                        self.commit(st, &container).await?;
+                        self.remove_mount_points(st, &container, &created).await
+                    }
+                }
             }
         }
     }
