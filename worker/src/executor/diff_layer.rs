@@ -15,8 +15,9 @@
 //!
 //! Large changes are left to `docker commit` (more than [`MAX_FETCHES`] archive calls or
 //! [`MAX_BYTES`] of content): holding them in memory or fetching path by path would cost
-//! more than the commit saves. Known difference to a commit: files the RUN hard-linked
-//! to each other in directories that existed before come as separate copies.
+//! more than the commit saves, and so are RUNs with mounts (the caller commits them) and
+//! layers where two files look like hard links of each other (same size, mtime and
+//! content): separate archive reads cannot tell a hard link from a copy.
 use std::collections::BTreeSet;
 
 use bollard::models::ChangeType;
@@ -132,6 +133,9 @@ pub async fn layer_from_changes(
         all.push(f);
     }
     drop(fetched);
+    if maybe_hardlinked(&all) {
+        return Ok(None);
+    }
     let skip: BTreeSet<String> = skip.iter().map(|s| s.to_string()).collect();
     let targets: BTreeSet<String> = targets.iter().cloned().collect();
     let layer = tokio::task::spawn_blocking(move || write_layer(&all, &deleted, &skip, &targets))
@@ -165,6 +169,38 @@ async fn fetch_path(
         }
     }
     Ok(Some(buf))
+}
+
+/// Whether two fetched regular files (not empty) have the same size, mtime and content:
+/// likely hard links of each other, which separate archive reads cannot tell, so the
+/// layer is left to a commit.
+fn maybe_hardlinked(all: &[Fetched]) -> bool {
+    use std::io::Read;
+    let mut seen = std::collections::HashSet::new();
+    for f in all {
+        let Some(tar) = &f.tar else { continue };
+        let mut ar = tar::Archive::new(tar.as_slice());
+        let Ok(entries) = ar.entries() else { continue };
+        for (n, e) in entries.enumerate() {
+            if n > 0 && !f.whole {
+                break;
+            }
+            let Ok(mut e) = e else { break };
+            let h = e.header();
+            if !h.entry_type().is_file() || h.size().unwrap_or(0) == 0 {
+                continue;
+            }
+            let (size, mtime) = (h.size().unwrap_or(0), h.mtime().unwrap_or(0));
+            let mut data = Vec::new();
+            if e.read_to_end(&mut data).is_err() {
+                continue;
+            }
+            if !seen.insert((size, mtime, blake3::hash(&data))) {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 /// Whether the first entry of a (possibly cut) archive is complete and a directory.

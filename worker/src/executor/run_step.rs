@@ -118,9 +118,15 @@ impl DockerExecutor {
             }),
             RunOutcome::Exited { container, elapsed } => {
                 st.command_time += elapsed;
-                match diff_layer::layer_from_changes(&self.daemon, &container, &created, &targets)
-                    .await?
-                {
+                // A RUN with mounts is committed: what the archive API shows at and
+                // below mount targets is not the container's own layer.
+                let changes = if targets.is_empty() && created.is_empty() {
+                    diff_layer::layer_from_changes(&self.daemon, &container, &created, &targets)
+                        .await?
+                } else {
+                    None
+                };
+                match changes {
                     Some(None) => Ok(()),
                     Some(Some(layer)) => {
                         let diff = format!("sha256:{}", super::sha256::hex(&layer));
