@@ -32,6 +32,10 @@ enum Command {
     Workers(commands::farm::WorkersArgs),
     /// For every stage: cache hit or miss, and for a miss what changed since its last build.
     Explain(commands::explain::ExplainArgs),
+    /// Build contexts (or a TOML list of builds) to fill the cache, e.g. from a cron job.
+    Warm(commands::warm::WarmArgs),
+    /// List, count and prune the stage cache (a coordinator's, or the embedded one).
+    Cache(commands::cache::CacheArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +55,8 @@ fn main() -> ExitCode {
         Command::Worker(args) => commands::farm::worker(args),
         Command::Workers(args) => commands::farm::workers(args),
         Command::Explain(args) => commands::explain::run(args),
+        Command::Warm(args) => commands::warm::run(args),
+        Command::Cache(args) => commands::cache::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,6 @@
 //! dbuild coordinator: Dockerfile frontend, build context, cache keys.
 pub mod analysis;
+pub mod cache;
 pub mod context;
 pub mod digest;
 pub mod explain;

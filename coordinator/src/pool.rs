@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -18,24 +18,8 @@ use crate::task::{
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 pub const LEASE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What a finished stage must leave in the blob store for the stages that consume it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Export {
-    /// The whole image (FROM consumers, the target).
-    pub image: bool,
-    /// Paths of its filesystem (COPY --from / RUN --mount from= consumers).
-    pub paths: BTreeSet<String>,
-}
-
-/// An artifact of a stage in the blob store.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Artifact {
-    pub stage_key: StageKey,
-    /// Empty for the image.
-    pub path: String,
-    pub digest: String,
-    pub size: u64,
-}
+pub use crate::cache::{Artifact, Export};
+use crate::cache::{StageCache, StageRecord};
 
 /// A task handed to a worker: the stage plus what to import first and export after.
 #[derive(Clone)]
@@ -93,23 +77,30 @@ struct Running {
 struct State {
     workers: BTreeMap<String, Worker>,
     running: BTreeMap<String, Running>,
-    /// Per stage key: the image and path artifacts in the blob store.
-    artifacts: BTreeMap<StageKey, Vec<Artifact>>,
     /// Per build: what each stage must export.
     exports: BTreeMap<String, BTreeMap<usize, Export>>,
     next_task: u64,
 }
 
-/// Registered workers and the tasks they run.
-#[derive(Default)]
+/// Registered workers and the tasks they run. Artifacts workers report go into the
+/// stage cache (the coordinator's index and blob store), where later builds find them.
 pub struct WorkerPool {
     state: Mutex<State>,
     changed: Notify,
+    cache: Arc<StageCache>,
 }
 
 impl WorkerPool {
-    pub fn new() -> Arc<Self> {
-        Arc::new(WorkerPool::default())
+    pub fn new(cache: Arc<StageCache>) -> Arc<Self> {
+        Arc::new(WorkerPool {
+            state: Mutex::default(),
+            changed: Notify::new(),
+            cache,
+        })
+    }
+
+    pub fn cache(&self) -> &Arc<StageCache> {
+        &self.cache
     }
 
     /// Registers (or re-registers) a worker; its id is its name.
@@ -193,14 +184,13 @@ impl WorkerPool {
                 w.holds.insert(res.key);
             }
         }
-        for a in &report.artifacts {
-            // A rebuild of the same key replaces its earlier export of the same path.
-            let list = st.artifacts.entry(a.stage_key).or_default();
-            list.retain(|old| old.path != a.path);
-            list.push(a.clone());
+        drop(st);
+        if !report.artifacts.is_empty() {
+            if let Err(e) = self.cache.add_artifacts(&report.artifacts, worker) {
+                tracing::error!(error = %e, "could not record the stage's artifacts in the index");
+            }
         }
         let _ = r.reply.send(report);
-        drop(st);
         self.changed.notify_waiters();
         true
     }
@@ -216,13 +206,14 @@ impl WorkerPool {
 
     /// The artifacts of a stage in the blob store (the image has an empty path).
     pub fn artifacts_of(&self, key: &StageKey) -> Vec<Artifact> {
-        self.state
-            .lock()
-            .unwrap()
-            .artifacts
-            .get(key)
-            .cloned()
-            .unwrap_or_default()
+        match self.cache.get(key) {
+            Ok(Some(r)) => r.artifacts(),
+            Ok(None) => Vec::new(),
+            Err(e) => {
+                tracing::error!(error = %e, "index unreadable");
+                Vec::new()
+            }
+        }
     }
 
     pub fn forget_build(&self, build_id: &str) {
@@ -309,8 +300,10 @@ impl WorkerPool {
         &self,
         task: &StageTask,
     ) -> Option<(String, mpsc::UnboundedSender<Assignment>, Vec<Artifact>)> {
-        let st = self.state.lock().unwrap();
         let inputs = Self::inputs_of(task);
+        let held: BTreeMap<StageKey, Vec<Artifact>> =
+            inputs.iter().map(|k| (*k, self.artifacts_of(k))).collect();
+        let st = self.state.lock().unwrap();
         let best = st
             .workers
             .values()
@@ -326,7 +319,7 @@ impl WorkerPool {
         let imports = inputs
             .iter()
             .filter(|k| !best.holds.contains(k))
-            .flat_map(|k| st.artifacts.get(k).cloned().unwrap_or_default())
+            .flat_map(|k| held.get(k).cloned().unwrap_or_default())
             .collect();
         Some((best.name.clone(), best.queue.clone()?, imports))
     }
@@ -347,8 +340,29 @@ impl Executor for WorkerPool {
         Ok(reference.to_string())
     }
 
-    async fn stage_image(&self, _key: &StageKey) -> Option<String> {
-        None
+    async fn stage_image(&self, key: &StageKey) -> Option<String> {
+        self.cache
+            .get(key)
+            .ok()
+            .flatten()
+            .map(|r| r.image_id)
+            .filter(|id| !id.is_empty())
+    }
+
+    fn needs(&self, task: &StageTask) -> Export {
+        self.state
+            .lock()
+            .unwrap()
+            .exports
+            .get(&task.build_id)
+            .and_then(|e| e.get(&task.stage).cloned())
+            .unwrap_or_default()
+    }
+
+    /// A record the cache found covers the build's needs with blobs on disk: any worker
+    /// can import them.
+    async fn holds(&self, _task: &StageTask, _record: &StageRecord) -> bool {
+        true
     }
 
     async fn run_stage(

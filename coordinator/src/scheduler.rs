@@ -10,11 +10,12 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::{Built, StageCache};
 use crate::frontend::plan::{Plan, StageRef};
 use crate::keys::{BaseResolver, StageKey, StageKeys};
 use crate::task::{
-    BuildInputs, Executor, StageError, StageLog, StageResult, StageTask, TaskBase, TaskInstruction,
-    TaskSource,
+    instruction_image_tag, stage_image_tag, BuildInputs, Executor, StageError, StageLog,
+    StageResult, StageTask, TaskBase, TaskInstruction, TaskSource,
 };
 
 /// External image references pinned to immutable ids for one build.
@@ -54,6 +55,117 @@ pub struct BuildRequest {
     pub pinned: PinnedImages,
     /// Ignore results already on the executor (every stage runs).
     pub no_cache: bool,
+    /// Stages that look nothing up (`--no-cache-filter`); their results are still stored.
+    pub no_cache_stages: BTreeSet<usize>,
+}
+
+impl BuildRequest {
+    /// Whether stage `i` is built without looking anything up.
+    pub fn skips_cache(&self, i: usize) -> bool {
+        self.no_cache || self.no_cache_stages.contains(&i)
+    }
+}
+
+/// How a stage task ended well: built, or found in the cache after waiting for another
+/// build of the same key.
+enum Done {
+    Built(StageResult),
+    Cached(String),
+}
+
+/// The stage's image id if the cache (or, without one, the executor) can stand in for
+/// building it. A hit is counted in the cache.
+async fn lookup(
+    executor: &dyn Executor,
+    cache: Option<&StageCache>,
+    task: &StageTask,
+) -> Option<String> {
+    let Some(cache) = cache else {
+        return executor.stage_image(&task.key).await;
+    };
+    let need = executor.needs(task);
+    match cache.find(&task.key, &need) {
+        Ok(Some(record)) => {
+            if !executor.holds(task, &record).await {
+                return None;
+            }
+            if let Err(e) = cache.count_hit(&task.key, &task.display_name()) {
+                tracing::warn!(error = %e, "could not count a cache hit");
+            }
+            return Some(record.image_id);
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "cache index unreadable: asking the executor"),
+    }
+    // No usable record, but nothing beyond the image is needed and the executor still
+    // holds it (built by a process that could not write the index): reuse it.
+    if need == crate::cache::Export::default() {
+        let id = executor.stage_image(&task.key).await?;
+        let name = task.display_name();
+        let adopted = cache
+            .adopt(&task.key, &name, &id, executor.name(), &stage_tags(task))
+            .and_then(|()| cache.count_hit(&task.key, &name));
+        if let Err(e) = adopted {
+            tracing::warn!(error = %e, "could not record a stage found on the executor");
+        }
+        return Some(id);
+    }
+    None
+}
+
+/// The tags naming a stage's images on an executor's daemon.
+fn stage_tags(task: &StageTask) -> Vec<String> {
+    std::iter::once(stage_image_tag(&task.key))
+        .chain(
+            task.instructions
+                .iter()
+                .map(|t| instruction_image_tag(&t.key)),
+        )
+        .collect()
+}
+
+/// A claim on building one stage key (single-flight): an exclusive lock on
+/// `<dir>/<key>.lock`, which works across builds in one process and across processes.
+enum Claim {
+    Held {
+        _file: std::fs::File,
+    },
+    /// No lock could be taken (the directory is unusable): build without one.
+    Unavailable,
+    Cancelled,
+}
+
+async fn claim(dir: &std::path::Path, key: &StageKey, cancel: &CancellationToken) -> Claim {
+    let path = dir.join(format!("{}.lock", key.to_hex()));
+    let file = std::fs::create_dir_all(dir).and_then(|_| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+    });
+    let file = match file {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "no single-flight lock");
+            return Claim::Unavailable;
+        }
+    };
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Claim::Held { _file: file },
+            Err(std::fs::TryLockError::WouldBlock) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    _ = cancel.cancelled() => return Claim::Cancelled,
+                }
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                tracing::warn!(path = %path.display(), error = %e, "no single-flight lock");
+                return Claim::Unavailable;
+            }
+        }
+    }
 }
 
 /// Progress of a build. Serialized as `{"event": "stage_started", "stage": 0, ...}`.
@@ -193,7 +305,7 @@ pub fn stage_task(req: &BuildRequest, index: usize) -> StageTask {
             .unwrap_or_else(|| plan.platform.to_string()),
         instructions,
         escape: req.plan.escape,
-        no_cache: req.no_cache,
+        no_cache: req.skips_cache(index),
         build_args: plan.build_args.clone(),
     }
 }
@@ -225,6 +337,8 @@ fn critical_path(plan: &Plan) -> Vec<usize> {
 pub struct Scheduler {
     executor: Arc<dyn Executor>,
     jobs: usize,
+    cache: Option<Arc<StageCache>>,
+    flights: Option<std::path::PathBuf>,
 }
 
 impl Scheduler {
@@ -232,7 +346,24 @@ impl Scheduler {
         Scheduler {
             executor,
             jobs: jobs.max(1),
+            cache: None,
+            flights: None,
         }
+    }
+
+    /// Looks stages up in `cache` (a hit needs the executor's agreement, see
+    /// [`Executor::holds`]) and records every stage built there. Without a cache the
+    /// executor alone says what it still holds.
+    pub fn with_cache(mut self, cache: Arc<StageCache>) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// Single-flight: a stage key being built by another build (in this process or any
+    /// other using `dir`) is waited for and then reused, not built twice.
+    pub fn with_single_flight(mut self, dir: std::path::PathBuf) -> Self {
+        self.flights = Some(dir);
+        self
     }
 
     /// Builds every stage the target needs and returns the target's image.
@@ -256,7 +387,7 @@ impl Scheduler {
         let mut done: BTreeMap<usize, String> = BTreeMap::new();
         let mut results = BTreeMap::new();
         let mut cached = BTreeSet::new();
-        let mut running: JoinSet<(usize, Result<StageResult, StageError>, String)> = JoinSet::new();
+        let mut running: JoinSet<(usize, Result<Done, StageError>, String)> = JoinSet::new();
         let stages_cancel = cancel.child_token();
         let mut failure: Option<BuildError> = None;
         let ev = |e: BuildEvent| {
@@ -280,8 +411,11 @@ impl Scheduler {
                     .collect();
                 ready.sort_by_key(|i| (std::cmp::Reverse(priority[*i]), *i));
                 for i in ready {
-                    if !req.no_cache {
-                        if let Some(id) = self.executor.stage_image(&req.keys[i].key).await {
+                    let task = stage_task(req, i);
+                    if !req.skips_cache(i) {
+                        if let Some(id) =
+                            lookup(&*self.executor, self.cache.as_deref(), &task).await
+                        {
                             pending.remove(&i);
                             ev(BuildEvent::StageCached {
                                 stage: i,
@@ -302,22 +436,42 @@ impl Scheduler {
                     // An executor that places stages announces the worker it chose; the
                     // stage starts (for progress) when it is placed.
                     let places = self.executor.places_stages();
-                    if !places {
-                        ev(BuildEvent::StageStarted {
-                            stage: i,
-                            name: name(i),
-                            key: key_hex(i),
-                            worker: worker.clone(),
-                        });
-                    }
-                    let task = stage_task(req, i);
                     let executor = Arc::clone(&self.executor);
                     let inputs = inputs.clone();
                     let token = stages_cancel.child_token();
                     let (log_tx, mut log_rx) = mpsc::unbounded_channel::<StageLog>();
                     let events = events.clone();
                     let (n, k, w) = (name(i), key_hex(i), worker.clone());
+                    let cache = self.cache.clone();
+                    let flights = self.flights.clone();
                     running.spawn(async move {
+                        let _claim = match (&flights, task.no_cache) {
+                            (Some(dir), false) => match claim(dir, &task.key, &token).await {
+                                Claim::Cancelled => return (i, Err(StageError::cancelled()), w),
+                                // Whoever held the key may have finished it since this
+                                // build looked (waiting or not): look again.
+                                Claim::Held { _file, .. } => {
+                                    if let Some(id) =
+                                        lookup(&*executor, cache.as_deref(), &task).await
+                                    {
+                                        return (i, Ok(Done::Cached(id)), w);
+                                    }
+                                    Some(_file)
+                                }
+                                Claim::Unavailable => None,
+                            },
+                            _ => None,
+                        };
+                        if !places {
+                            let _ = events.send(BuildEvent::StageStarted {
+                                stage: i,
+                                name: n.clone(),
+                                key: k.clone(),
+                                worker: w.clone(),
+                            });
+                        }
+                        let (stage_key, stage_name) = (task.key, task.display_name());
+                        let tags = stage_tags(&task);
                         // Forward logs here, so all of a stage's lines precede its result.
                         let mut w = w;
                         let mut forward = |l: StageLog| {
@@ -350,7 +504,22 @@ impl Scheduler {
                         while let Ok(l) = log_rx.try_recv() {
                             forward(l);
                         }
-                        (i, r, w)
+                        // Recorded before the claim is released, so a build waiting for
+                        // this key finds the record.
+                        if let (Ok(res), Some(c)) = (&r, &cache) {
+                            if let Err(e) = c.stage_built(&Built {
+                                key: &stage_key,
+                                name: &stage_name,
+                                image_id: &res.image_id,
+                                image_size: res.size,
+                                duration: res.duration,
+                                worker: &w,
+                                tags: &tags,
+                            }) {
+                                tracing::warn!(error = %e, "could not record the stage in the cache");
+                            }
+                        }
+                        (i, r.map(Done::Built), w)
                     });
                 }
                 // Stages that became ready through cache hits: go round again.
@@ -389,7 +558,18 @@ impl Scheduler {
                 }
             };
             match result {
-                Ok(r) => {
+                Ok(Done::Cached(id)) => {
+                    ev(BuildEvent::StageCached {
+                        stage: i,
+                        name: name(i),
+                        key: key_hex(i),
+                        worker: placed,
+                        image_id: id.clone(),
+                    });
+                    cached.insert(i);
+                    done.insert(i, id);
+                }
+                Ok(Done::Built(r)) => {
                     ev(BuildEvent::StageFinished {
                         stage: i,
                         name: name(i),

@@ -110,6 +110,9 @@ pub struct StageResult {
     pub duration: Duration,
     /// Wall time spent inside RUN commands (for the per-instruction overhead benchmark).
     pub command_time: Duration,
+    /// Size of the stage image on the executor's daemon (bytes, base layers included).
+    #[serde(default)]
+    pub size: u64,
 }
 
 /// Reads the build context's files for an executor.
@@ -223,6 +226,18 @@ pub trait Executor: Send + Sync {
 
     /// The image id of the stage result with this key, if the executor still holds it.
     async fn stage_image(&self, key: &StageKey) -> Option<String>;
+
+    /// What this build's consumers of the stage need from a cache record (a farm needs
+    /// the exported image and/or paths; one daemon needs nothing but the image it has).
+    fn needs(&self, _task: &StageTask) -> crate::cache::Export {
+        crate::cache::Export::default()
+    }
+
+    /// Whether a cache record can stand in for building the stage here. By default the
+    /// executor must still hold the stage image.
+    async fn holds(&self, task: &StageTask, _record: &crate::cache::StageRecord) -> bool {
+        self.stage_image(&task.key).await.is_some()
+    }
 
     /// Builds one stage. Log lines go to `logs` as they come.
     async fn run_stage(

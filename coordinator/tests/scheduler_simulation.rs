@@ -70,6 +70,7 @@ impl Executor for SimulatedExecutor {
                 } else {
                     self.present.lock().unwrap().insert(task.key);
                     Ok(StageResult {
+                        size: 0,
                         stage: task.stage,
                         key: task.key,
                         image_id: format!("img-{}", task.key),
@@ -116,6 +117,7 @@ fn request(src: &str, target: Option<&str>) -> BuildRequest {
         keys: Arc::new(keys),
         pinned: PinnedImages::default(),
         no_cache: false,
+        no_cache_stages: Default::default(),
     }
 }
 
@@ -314,6 +316,7 @@ async fn stages_already_built_are_cached() {
     // --no-cache runs everything again.
     let no_cache = BuildRequest {
         no_cache: true,
+        no_cache_stages: Default::default(),
         ..req
     };
     run(Arc::clone(&exec), 4, &no_cache, CancellationToken::new())

@@ -13,12 +13,28 @@ pub struct CoordinatorArgs {
     /// Address to serve gRPC on.
     #[arg(long, default_value = "127.0.0.1:7700")]
     pub listen: SocketAddr,
-    /// Where the coordinator keeps its blob store (and, later, its index).
+    /// Where the coordinator keeps its index (`index/`), blobs (`blobs/`) and locks.
     #[arg(long, env = "DBUILD_DATA_DIR")]
     pub data_dir: PathBuf,
     /// Require this bearer token on every RPC.
     #[arg(long, env = "DBUILD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Cap on the stage cache (e.g. 50GB, 200GiB): least recently used stages are
+    /// evicted past it. Default: 10% of the data dir's filesystem.
+    #[arg(long, value_name = "SIZE")]
+    pub cache_max_size: Option<String>,
+}
+
+/// 10% of the filesystem holding `dir` (BuildKit's default GC share), at least 1 GiB.
+pub fn default_cache_max(dir: &std::path::Path) -> Option<u64> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a properly sized out-parameter.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let total = st.f_blocks as u64 * st.f_frsize as u64;
+    Some((total / 10).max(1 << 30))
 }
 
 #[derive(clap::Args)]
@@ -84,7 +100,18 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         println!("dbuild coordinator listening on {addr}");
         std::io::stdout().flush()?;
         let stop = ctrl_c_token();
-        coordinator::service::serve(listener, &args.data_dir, args.token, async move {
+        let cache_max_bytes = match &args.cache_max_size {
+            Some(s) => Some(
+                coordinator::cache::parse_size(s)
+                    .map_err(|e| anyhow::anyhow!("--cache-max-size: {e}"))?,
+            ),
+            None => default_cache_max(&args.data_dir),
+        };
+        let opts = coordinator::service::ServeOptions {
+            token: args.token,
+            cache_max_bytes,
+        };
+        coordinator::service::serve(listener, &args.data_dir, opts, async move {
             stop.cancelled().await
         })
         .await?;

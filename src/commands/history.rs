@@ -11,13 +11,13 @@ use coordinator::store::SledStore;
 
 /// Opens the index; `None` (with a warning) when it is busy or unusable, since history
 /// only ever adds explanations.
-pub fn open_index(data_dir: &Path) -> Option<SledStore> {
+pub fn open_index(data_dir: &Path) -> Option<std::sync::Arc<SledStore>> {
     if let Err(e) = std::fs::create_dir_all(data_dir) {
         tracing::warn!(dir = %data_dir.display(), error = %e, "no data dir: build history off");
         return None;
     }
     match SledStore::open(&data_dir.join("index")) {
-        Ok(s) => Some(s),
+        Ok(s) => Some(std::sync::Arc::new(s)),
         Err(e) => {
             tracing::warn!(error = %e, "index unavailable: build history off for this run");
             None

@@ -1,3 +1,4 @@
+pub mod cache;
 pub mod explain;
 pub mod farm;
 pub mod history;
@@ -6,3 +7,4 @@ pub mod plan;
 pub mod remote;
 pub mod spec;
 pub mod submit;
+pub mod warm;

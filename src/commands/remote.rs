@@ -26,7 +26,7 @@ pub async fn submit(
     analysis: Analysis,
     secrets: BTreeMap<String, Vec<u8>>,
     out: &Output,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<super::submit::Summary> {
     let mut clients = Clients::connect(url, args.token.clone()).await?;
     // Upload the context files the built stages use, and only those the store lacks.
     let mut wanted: BTreeMap<BlobDigest, String> = BTreeMap::new();
@@ -74,7 +74,7 @@ pub async fn submit(
         target: args.spec.target.clone(),
         build_args: args.spec.build_args()?.into_iter().collect(),
         no_cache: args.no_cache,
-        no_cache_filter: Vec::new(),
+        no_cache_filter: args.no_cache_filter.clone(),
         pull: args.pull,
         secrets: secrets.into_iter().collect(),
         export_image: *out != Output::None,
@@ -93,6 +93,7 @@ pub async fn submit(
         Default::default(),
         rx,
     ));
+    let mut summary = super::submit::Summary::default();
     let mut failed: Option<BuildEvent> = None;
     let mut finished: Option<BuildEvent> = None;
     let mut image_blob: Option<BlobDigest> = None;
@@ -110,6 +111,8 @@ pub async fn submit(
         match &e {
             BuildEvent::StageFailed { .. } if failed.is_none() => failed = Some(e.clone()),
             BuildEvent::BuildFinished { .. } => finished = Some(e.clone()),
+            BuildEvent::StageFinished { .. } => summary.built += 1,
+            BuildEvent::StageCached { .. } => summary.cached += 1,
             _ => {}
         }
         let _ = tx.send(e);
@@ -122,7 +125,9 @@ pub async fn submit(
                 ok: true, image_id, ..
             }),
             _,
-        ) => deliver(&mut clients, args, out, image_blob, image_id).await,
+        ) => deliver(&mut clients, args, out, image_blob, image_id)
+            .await
+            .map(|()| summary),
         (
             _,
             Some(BuildEvent::StageFailed {

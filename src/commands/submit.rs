@@ -5,8 +5,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use coordinator::cache::StageCache;
 use coordinator::keys::compute_keys;
 use coordinator::scheduler::{external_images, BuildError, BuildRequest, PinnedImages, Scheduler};
+use coordinator::store::Store;
 use coordinator::task::{BuildInputs, Executor, LocalContext};
 use tokio_util::sync::CancellationToken;
 
@@ -25,9 +27,17 @@ pub struct SubmitArgs {
     /// A secret for RUN --mount=type=secret: id=ID,src=PATH (or env=VAR).
     #[arg(long = "secret", value_name = "id=ID,src=PATH")]
     pub secrets: Vec<String>,
-    /// Run every instruction again, reusing nothing.
+    /// Run every instruction again, reusing nothing (results are still stored).
     #[arg(long)]
     pub no_cache: bool,
+    /// Build these stages (names or indexes, comma-separated or repeated) without
+    /// looking them up; their results are still stored.
+    #[arg(
+        long = "no-cache-filter",
+        value_name = "STAGE,...",
+        value_delimiter = ','
+    )]
+    pub no_cache_filter: Vec<String>,
     /// Pull base images even when the daemon has them.
     #[arg(long)]
     pub pull: bool,
@@ -99,17 +109,25 @@ pub fn run(args: SubmitArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(submit(args))
+    runtime.block_on(submit(&args)).map(|_| ())
 }
 
-async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
+/// What a successful build did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Summary {
+    pub built: usize,
+    pub cached: usize,
+}
+
+/// Builds as `dbuild submit` does (on the farm with a coordinator, else embedded).
+pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
     let output = Output::parse(&args.output)?;
     let dockerfile = args.spec.dockerfile();
     let secrets = read_secrets(&args.secrets)?;
     let context_dir = args.spec.context.clone();
     let analysis = tokio::task::block_in_place(|| args.spec.analyze())?;
     if let Some(url) = args.coordinator.clone() {
-        return super::remote::submit(&args, &url, &dockerfile, analysis, secrets, &output).await;
+        return super::remote::submit(args, &url, &dockerfile, analysis, secrets, &output).await;
     }
 
     let executor: Arc<dyn Executor> = Arc::new(
@@ -118,12 +136,17 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
             .context("connecting to the Docker daemon")?,
     );
     let (pinned, keys) = pin_and_key(&*executor, &analysis, args.pull).await?;
-    let history = open_index(&data_dir(args.spec.data_dir.clone()));
+    let data = data_dir(args.spec.data_dir.clone());
+    let history = open_index(&data);
     let history_id = dockerfile_id(&dockerfile);
     let why = history
         .as_ref()
         .map(|h| why_rebuilt(h, &history_id, &analysis.plan, &keys))
         .unwrap_or_default();
+    let no_cache_stages = analysis
+        .plan
+        .stage_indices(&args.no_cache_filter)
+        .map_err(|e| anyhow::anyhow!(e))?;
     let plan = Arc::new(analysis.plan);
     let request = BuildRequest {
         build_id: format!("{}-{}", std::process::id(), keys[plan.target].key.to_hex()),
@@ -131,6 +154,7 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         keys: Arc::new(keys),
         pinned,
         no_cache: args.no_cache,
+        no_cache_stages,
     };
     let inputs = BuildInputs {
         manifest: Arc::new(analysis.manifest),
@@ -140,7 +164,16 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     let jobs = args
         .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let scheduler = Scheduler::new(Arc::clone(&executor), jobs);
+    // The stage cache shares the index with the history; another dbuild holding the
+    // index means this build neither counts nor records (the daemon's images still hit).
+    let mut scheduler =
+        Scheduler::new(Arc::clone(&executor), jobs).with_single_flight(data.join("locks"));
+    if let Some(index) = &history {
+        match StageCache::new(Arc::clone(index) as Arc<dyn Store>, None) {
+            Ok(c) => scheduler = scheduler.with_cache(Arc::new(c)),
+            Err(e) => tracing::warn!(error = %e, "stage cache unavailable for this build"),
+        }
+    }
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let renderer = tokio::spawn(progress::render(
         args.progress,
@@ -185,7 +218,10 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         std::fs::write(path, &outcome.image_id)
             .with_context(|| format!("writing --iidfile {}", path.display()))?;
     }
-    Ok(())
+    Ok(Summary {
+        built: outcome.results.len(),
+        cached: outcome.cached.len(),
+    })
 }
 
 /// Pins every external image the build reads to its id on the executor's daemon (pulling

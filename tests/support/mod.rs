@@ -5,6 +5,7 @@
 
 pub mod compare;
 pub mod corpus;
+pub mod farm;
 pub mod images;
 /// SHA-256 as the executor computes it (Docker's layer digests).
 pub use worker::executor::sha256;

@@ -26,6 +26,7 @@ use coordinator::task::{
 };
 use futures::StreamExt;
 use proto::v1::build_service_client::BuildServiceClient;
+use proto::v1::cache_service_client::CacheServiceClient;
 use proto::v1::content_service_client::ContentServiceClient;
 use proto::v1::worker_service_client::WorkerServiceClient;
 use proto::v1::{
@@ -82,6 +83,7 @@ impl tonic::service::Interceptor for Bearer {
 pub type Workers = WorkerServiceClient<InterceptedService<Channel, Bearer>>;
 pub type Content = ContentServiceClient<InterceptedService<Channel, Bearer>>;
 pub type Builds = BuildServiceClient<InterceptedService<Channel, Bearer>>;
+pub type Cache = CacheServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// The clients a worker or a farm client needs, sharing one channel.
 #[derive(Clone)]
@@ -89,6 +91,7 @@ pub struct Clients {
     pub workers: Workers,
     pub content: Content,
     pub builds: Builds,
+    pub cache: Cache,
 }
 
 impl Clients {
@@ -109,7 +112,8 @@ impl Clients {
         Ok(Clients {
             workers: WorkerServiceClient::with_interceptor(channel.clone(), bearer.clone()),
             content: ContentServiceClient::with_interceptor(channel.clone(), bearer.clone()),
-            builds: BuildServiceClient::with_interceptor(channel, bearer),
+            builds: BuildServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            cache: CacheServiceClient::with_interceptor(channel, bearer),
         })
     }
 }

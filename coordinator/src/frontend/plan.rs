@@ -140,6 +140,41 @@ pub struct Plan {
     pub build_args: BTreeMap<String, String>,
 }
 
+impl Plan {
+    /// The stages `names` designate (`--no-cache-filter`): a stage name (as after `AS`,
+    /// any case; the last of duplicates, as `--target` resolves) or an index. Each item
+    /// may hold several, comma-separated.
+    pub fn stage_indices(&self, names: &[String]) -> Result<BTreeSet<usize>, String> {
+        let mut out = BTreeSet::new();
+        for n in names.iter().flat_map(|n| n.split(',')).map(str::trim) {
+            if n.is_empty() {
+                continue;
+            }
+            let lower = n.to_ascii_lowercase();
+            let found = self
+                .stages
+                .iter()
+                .rev()
+                .find(|s| s.name.as_deref() == Some(lower.as_str()))
+                .map(|s| s.index)
+                .or_else(|| n.parse::<usize>().ok().filter(|i| *i < self.stages.len()));
+            match found {
+                Some(i) => {
+                    out.insert(i);
+                }
+                None => {
+                    let known: Vec<String> = self.stages.iter().map(|s| s.display_name()).collect();
+                    return Err(format!(
+                        "--no-cache-filter: no stage named {n:?} (stages: {})",
+                        known.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// A planning error; `line` is the 1-based Dockerfile line when one is to blame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}{message}", line.map(|l| format!("line {l}: ")).unwrap_or_default())]

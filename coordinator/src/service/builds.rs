@@ -30,14 +30,17 @@ pub struct BuildServer {
     pool: Arc<WorkerPool>,
     blobs: BlobStore,
     builds: Arc<Mutex<BTreeMap<String, CancellationToken>>>,
+    /// Single-flight locks, one per stage key being built.
+    locks: std::path::PathBuf,
 }
 
 impl BuildServer {
-    pub fn new(pool: Arc<WorkerPool>, blobs: BlobStore) -> Self {
+    pub fn new(pool: Arc<WorkerPool>, blobs: BlobStore, locks: std::path::PathBuf) -> Self {
         BuildServer {
             pool,
             blobs,
             builds: Arc::default(),
+            locks,
         }
     }
 }
@@ -135,12 +138,16 @@ impl BuildService for BuildServer {
             }),
             secrets: Arc::new(r.secrets.clone().into_iter().collect()),
         };
+        let no_cache_stages = plan
+            .stage_indices(&r.no_cache_filter)
+            .map_err(Status::invalid_argument)?;
         let request = BuildRequest {
             build_id: build_id.clone(),
             plan,
             keys: Arc::new(keys),
             pinned: PinnedImages::default(),
             no_cache: r.no_cache,
+            no_cache_stages,
         };
         let cancel = CancellationToken::new();
         self.builds
@@ -150,6 +157,7 @@ impl BuildService for BuildServer {
         let (out_tx, out_rx) = mpsc::channel(256);
         let pool = Arc::clone(&self.pool);
         let builds = Arc::clone(&self.builds);
+        let locks = self.locks.clone();
         tokio::spawn(async move {
             let (tx, mut rx) = mpsc::unbounded_channel();
             let forward_tx = out_tx.clone();
@@ -163,7 +171,9 @@ impl BuildService for BuildServer {
                 }
             });
             // The pool waits for free slots itself; the scheduler only orders the work.
-            let scheduler = Scheduler::new(Arc::clone(&pool) as _, 1024);
+            let scheduler = Scheduler::new(Arc::clone(&pool) as _, 1024)
+                .with_cache(Arc::clone(pool.cache()))
+                .with_single_flight(locks);
             let result = scheduler.run(&request, inputs, tx, cancel).await;
             let _ = forward.await;
             if let Ok(outcome) = result {

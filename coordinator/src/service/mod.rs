@@ -2,11 +2,13 @@
 //! logic lives in the scheduler and the worker pool; these files translate messages.
 pub mod auth;
 pub mod builds;
+pub mod cache;
 pub mod content;
 pub mod workers;
 
 pub use auth::Auth;
 pub use builds::BuildServer;
+pub use cache::CacheServer;
 pub use content::ContentServer;
 pub use workers::WorkerServer;
 
@@ -18,23 +20,36 @@ use std::path::Path;
 use std::sync::Arc;
 
 use proto::v1::build_service_server::BuildServiceServer;
+use proto::v1::cache_service_server::CacheServiceServer;
 use proto::v1::content_service_server::ContentServiceServer;
 use proto::v1::worker_service_server::WorkerServiceServer;
 
+use crate::cache::StageCache;
 use crate::pool::WorkerPool;
-use crate::store::{BlobStore, StoreError};
+use crate::store::StoreError;
 
-/// Runs the coordinator's gRPC services on `listener` until `shutdown` completes. Blobs
-/// live under `<data_dir>/blobs`.
+/// How the coordinator keeps its cache.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// Require this bearer token on every RPC.
+    pub token: Option<String>,
+    /// Evict least recently used stages past this many bytes (`None`: no cap).
+    pub cache_max_bytes: Option<u64>,
+}
+
+/// Runs the coordinator's gRPC services on `listener` until `shutdown` completes. The
+/// index lives in `<data_dir>/index`, blobs under `<data_dir>/blobs`, single-flight
+/// locks under `<data_dir>/locks`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     data_dir: &Path,
-    token: Option<String>,
+    opts: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let blobs = BlobStore::open(&data_dir.join("blobs"))?;
-    let pool = WorkerPool::new();
-    let auth = Auth::new(token);
+    let cache = Arc::new(StageCache::open(data_dir, true)?.with_max_bytes(opts.cache_max_bytes));
+    let blobs = cache.blobs().expect("opened with blobs").clone();
+    let pool = WorkerPool::new(Arc::clone(&cache));
+    let auth = Auth::new(opts.token);
     let lease_pool = Arc::clone(&pool);
     tokio::spawn(async move {
         loop {
@@ -42,10 +57,10 @@ pub async fn serve(
             lease_pool.expire_leases();
         }
     });
-    let (a1, a2, a3) = (auth.clone(), auth.clone(), auth);
+    let (a1, a2, a3, a4) = (auth.clone(), auth.clone(), auth.clone(), auth);
     tonic::transport::Server::builder()
         .add_service(BuildServiceServer::with_interceptor(
-            BuildServer::new(Arc::clone(&pool), blobs.clone()),
+            BuildServer::new(Arc::clone(&pool), blobs.clone(), data_dir.join("locks")),
             move |r| a1.check(r),
         ))
         .add_service(ContentServiceServer::with_interceptor(
@@ -55,6 +70,10 @@ pub async fn serve(
         .add_service(WorkerServiceServer::with_interceptor(
             WorkerServer::new(pool),
             move |r| a3.check(r),
+        ))
+        .add_service(CacheServiceServer::with_interceptor(
+            CacheServer::new(cache),
+            move |r| a4.check(r),
         ))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

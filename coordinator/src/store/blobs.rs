@@ -32,6 +32,11 @@ impl BlobStore {
         self.path(d).is_file()
     }
 
+    /// The file metadata of a stored blob (size, modification time).
+    pub fn metadata(&self, d: &BlobDigest) -> Option<fs::Metadata> {
+        fs::metadata(self.path(d)).ok()
+    }
+
     /// The size of a stored blob.
     pub fn size(&self, d: &BlobDigest) -> Option<u64> {
         fs::metadata(self.path(d)).ok().map(|m| m.len())

@@ -281,12 +281,15 @@ impl DockerExecutor {
             _ => st.pending.push((st.state.clone(), vec![stage_tag.clone()])),
         }
         docker::timed("final flush", self.flush(&mut st)).await?;
-        let (image_id, _) = self
-            .daemon
-            .inspect(&stage_tag)
-            .await?
-            .ok_or_else(|| StageError::new(format!("the stage image {stage_tag} vanished")))?;
+        let image = docker::timed(
+            "inspect_image",
+            self.daemon.docker.inspect_image(&stage_tag),
+        )
+        .await
+        .map_err(|e| docker::derr(format!("the stage image {stage_tag}"), e))?;
+        let image_id = image.id.unwrap_or_default();
         Ok(StageResult {
+            size: image.size.unwrap_or(0).max(0) as u64,
             stage: task.stage,
             key: task.key,
             image_id,

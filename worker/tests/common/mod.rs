@@ -182,6 +182,7 @@ pub async fn tasks_with(
         keys: Arc::new(keys),
         pinned,
         no_cache: true,
+        no_cache_stages: Default::default(),
     };
     let out = req
         .plan

@@ -1,0 +1,53 @@
+//! `CacheService`: stats, listing and pruning of the coordinator's stage cache.
+use std::sync::Arc;
+
+use proto::v1::cache_service_server::CacheService;
+use proto::v1::{CacheListRequest, CacheStatsRequest, Document};
+use tonic::{Request, Response, Status};
+
+use super::workers::from_document;
+use crate::cache::{PruneOptions, StageCache};
+
+pub struct CacheServer {
+    cache: Arc<StageCache>,
+}
+
+impl CacheServer {
+    pub fn new(cache: Arc<StageCache>) -> Self {
+        CacheServer { cache }
+    }
+}
+
+fn document(kind: &str, value: &impl serde::Serialize) -> Document {
+    Document {
+        kind: kind.to_string(),
+        json: serde_json::to_vec(value).expect("documents serialize"),
+    }
+}
+
+fn internal(e: crate::store::StoreError) -> Status {
+    Status::internal(e.to_string())
+}
+
+#[tonic::async_trait]
+impl CacheService for CacheServer {
+    async fn stats(&self, _: Request<CacheStatsRequest>) -> Result<Response<Document>, Status> {
+        let s = self.cache.stats().map_err(internal)?;
+        Ok(Response::new(document("CacheStats/1", &s)))
+    }
+
+    async fn list(&self, _: Request<CacheListRequest>) -> Result<Response<Document>, Status> {
+        let l = self.cache.list().map_err(internal)?;
+        Ok(Response::new(document("StageRecords/1", &l)))
+    }
+
+    async fn prune(&self, req: Request<Document>) -> Result<Response<Document>, Status> {
+        let opts: PruneOptions = from_document("PruneOptions/1", Some(req.get_ref()))?;
+        let cache = Arc::clone(&self.cache);
+        let r = tokio::task::spawn_blocking(move || cache.prune(&opts))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(internal)?;
+        Ok(Response::new(document("PruneReport/1", &r)))
+    }
+}

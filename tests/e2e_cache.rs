@@ -1,0 +1,319 @@
+//! The stage cache for real: a coordinator process with its sled index and blob store, two
+//! worker processes, builds submitted with `dbuild submit --coordinator`; and concurrent
+//! embedded submits sharing one data dir.
+//!
+//! One test function per setting, cases in order: they build on each other's cache.
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+mod support;
+use support::farm::*;
+
+const DBUILD: &str = env!("CARGO_BIN_EXE_dbuild");
+
+const DOCKERFILE: &str = "\
+FROM alpine:latest AS a
+COPY a.txt /a.txt
+RUN cat /a.txt > /a.out
+FROM alpine:latest AS b
+COPY b.txt /b.txt
+RUN cat /b.txt > /b.out
+FROM alpine:latest
+COPY --from=a /a.out /a.out
+COPY --from=b /b.out /b.out
+";
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
+/// Stage indexes with an event of this kind.
+fn stages(s: &Submitted, event: &str) -> Vec<u64> {
+    let mut v: Vec<u64> = s
+        .events
+        .iter()
+        .filter(|e| e["event"] == event)
+        .filter_map(|e| e["stage"].as_u64())
+        .collect();
+    v.sort();
+    v
+}
+
+fn image_id(s: &Submitted) -> String {
+    s.events
+        .iter()
+        .find(|e| e["event"] == "build_finished")
+        .and_then(|e| e["image_id"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn cache_json(url: &str, what: &[&str]) -> Value {
+    let out = Command::new(DBUILD)
+        .arg("cache")
+        .args(what)
+        .args(["--json", "--coordinator", url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dbuild cache {what:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn run(tag: &str, path: &str) -> String {
+    let out = Command::new("docker")
+        .args(["run", "--rm", "--network=none", tag, "cat", path])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn farm_cache_reuses_across_builds_restarts_and_concurrent_submits() {
+    support::base_images();
+    let ctx = tempfile::tempdir().unwrap();
+    write(ctx.path(), "Dockerfile", DOCKERFILE);
+    write(ctx.path(), "a.txt", "a1\n");
+    write(ctx.path(), "b.txt", "b1\n");
+    let data = tempfile::tempdir().unwrap();
+    let coord_dir = data.path().join("coordinator");
+    let client = data.path().join("client");
+    let tag = support::unique_tag("cache");
+
+    let (coord, url) = start_coordinator(&coord_dir);
+    let w1 = start_worker(&url, "c1", 2, &data.path().join("w1"), None);
+    let w2 = start_worker(&url, "c2", 2, &data.path().join("w2"), None);
+    wait_for_workers(&url, 2);
+
+    // A first build builds every stage.
+    let first = submit(&url, ctx.path(), &["-t", &tag], &client);
+    assert!(first.ok, "{}", first.stderr);
+    assert_eq!(stages(&first, "stage_finished"), vec![0, 1, 2]);
+
+    // Unchanged: nothing is built, the image is the same.
+    let again = submit(&url, ctx.path(), &["-t", &tag], &client);
+    assert!(again.ok, "{}", again.stderr);
+    assert_eq!(stages(&again, "stage_cached"), vec![0, 1, 2]);
+    assert_eq!(again.count("stage_started"), 0, "{:?}", again.events);
+    assert_eq!(image_id(&again), image_id(&first));
+
+    // One file edited: exactly the stage using it and its dependent are built.
+    write(ctx.path(), "b.txt", "b2\n");
+    let edited = submit(&url, ctx.path(), &["-t", &tag], &client);
+    assert!(edited.ok, "{}", edited.stderr);
+    assert_eq!(stages(&edited, "stage_cached"), vec![0]);
+    assert_eq!(stages(&edited, "stage_finished"), vec![1, 2]);
+    assert_eq!(run(&tag, "/b.out"), "b2\n");
+
+    // Eight concurrent identical submits of a new variant build each stage once.
+    write(ctx.path(), "a.txt", "a3\n");
+    let subs: Vec<Submitted> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let (url, ctx, client) = (&url, ctx.path(), client.join(format!("c{i}")));
+                s.spawn(move || submit(url, ctx, &["--output", "type=none"], &client))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for s in &subs {
+        assert!(s.ok, "{}", s.stderr);
+    }
+    let built: Vec<u64> = subs
+        .iter()
+        .flat_map(|s| stages(s, "stage_finished"))
+        .collect::<Vec<_>>();
+    let mut sorted = built.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        vec![0, 2],
+        "each changed stage built once: {built:?}"
+    );
+    let ids: std::collections::BTreeSet<String> = subs.iter().map(image_id).collect();
+    assert_eq!(ids.len(), 1, "all eight got the same image: {ids:?}");
+
+    // A coordinator restart keeps every entry.
+    let before = cache_json(&url, &["ls"]);
+    drop((w1, w2, coord));
+    let (_coord, url) = start_coordinator(&coord_dir);
+    let _w1 = start_worker(&url, "c1", 2, &data.path().join("w1"), None);
+    wait_for_workers(&url, 1);
+    let after = cache_json(&url, &["ls"]);
+    let keys = |v: &Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["key"].as_str().unwrap().to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(keys(&before), keys(&after));
+    // (Output none: the concurrent builds exported no image of the final stage.)
+    let restarted = submit(&url, ctx.path(), &["--output", "type=none"], &client);
+    assert!(restarted.ok, "{}", restarted.stderr);
+    assert_eq!(stages(&restarted, "stage_cached"), vec![0, 1, 2]);
+
+    // A corrupted blob is detected, dropped, and its stage built again; never served.
+    let a_key = restarted
+        .events
+        .iter()
+        .find(|e| e["event"] == "stage_cached" && e["stage"] == 0)
+        .and_then(|e| e["key"].as_str())
+        .unwrap()
+        .to_string();
+    let record = after
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == a_key.as_str())
+        .expect("stage a is recorded")
+        .clone();
+    let digest = record["paths"]["/a.out"]["digest"]
+        .as_str()
+        .expect("stage a's /a.out artifact is recorded")
+        .to_string();
+    let blob = coord_dir.join("blobs").join(&digest[..2]).join(&digest);
+    let good = std::fs::read(&blob).unwrap();
+    let mut bad = good.clone();
+    let n = bad.len() / 2;
+    bad[n] ^= 0xff;
+    std::fs::write(&blob, &bad).unwrap();
+    let healed = submit(&url, ctx.path(), &["-t", &tag], &client);
+    assert!(healed.ok, "{}", healed.stderr);
+    // Stage a again (its artifact was corrupt); the final stage too, since no build
+    // exported its image yet.
+    assert_eq!(
+        stages(&healed, "stage_finished"),
+        vec![0, 2],
+        "{:?}",
+        healed.events
+    );
+    assert_eq!(
+        std::fs::read(&blob).unwrap(),
+        good,
+        "the blob was stored again, intact"
+    );
+    assert_eq!(run(&tag, "/a.out"), "a3\n");
+
+    // Pruning to a size honours it, least recently used first.
+    let stats = cache_json(&url, &["stats"]);
+    let bytes = stats["bytes"].as_u64().unwrap();
+    assert!(stats["hits"].as_u64().unwrap() > 0, "{stats}");
+    let keep = bytes / 2;
+    let report = cache_json(&url, &["prune", "--keep-storage", &keep.to_string()]);
+    assert!(
+        !report["removed"].as_array().unwrap().is_empty(),
+        "{report}"
+    );
+    let stats = cache_json(&url, &["stats"]);
+    assert!(stats["bytes"].as_u64().unwrap() <= keep, "{stats} > {keep}");
+    // What was pruned is built again when needed.
+    cache_json(&url, &["prune", "--all"]);
+    let rebuilt = submit(&url, ctx.path(), &["-t", &tag], &client);
+    assert!(rebuilt.ok, "{}", rebuilt.stderr);
+    assert!(rebuilt.count("stage_finished") > 0, "{:?}", rebuilt.events);
+    let _ = Command::new("docker").args(["rmi", &tag]).output();
+}
+
+/// Embedded submits on one data dir: a second run builds nothing; eight at once build
+/// each stage once (single-flight across processes), and `cache stats` counts the hits.
+#[test]
+fn embedded_cache_and_single_flight_across_processes() {
+    support::base_images();
+    let ctx = tempfile::tempdir().unwrap();
+    // A marker no earlier run left on the daemon, so the stages really are new.
+    let marker = support::unique_tag("sf");
+    write(
+        ctx.path(),
+        "Dockerfile",
+        &format!(
+            "FROM alpine:latest AS one\nRUN sleep 1 && echo {marker} > /one\n\
+             FROM alpine:latest\nCOPY --from=one /one /one\nRUN cat /one > /two\n"
+        ),
+    );
+    let data = tempfile::tempdir().unwrap();
+    let submit_local = |extra: &[&str]| {
+        let out = Command::new(DBUILD)
+            .arg("submit")
+            .arg(ctx.path())
+            .args(["--progress", "json", "--output", "type=none"])
+            .args(extra)
+            .env("DBUILD_DATA_DIR", data.path())
+            .env_remove("DBUILD_COORDINATOR")
+            .output()
+            .unwrap();
+        Submitted {
+            ok: out.status.success(),
+            events: String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+    let subs: Vec<Submitted> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..8).map(|_| s.spawn(|| submit_local(&[]))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for s in &subs {
+        assert!(s.ok, "{}", s.stderr);
+    }
+    let mut built: Vec<u64> = subs
+        .iter()
+        .flat_map(|s| stages(s, "stage_finished"))
+        .collect();
+    built.sort();
+    assert_eq!(
+        built,
+        vec![0, 1],
+        "each stage built once across eight processes"
+    );
+
+    let again = submit_local(&[]);
+    assert!(again.ok, "{}", again.stderr);
+    assert_eq!(stages(&again, "stage_cached"), vec![0, 1]);
+
+    // --no-cache-filter builds the named stage again (and records it).
+    let filtered = submit_local(&["--no-cache-filter", "one"]);
+    assert!(filtered.ok, "{}", filtered.stderr);
+    assert!(stages(&filtered, "stage_finished").contains(&0));
+
+    let out = Command::new(DBUILD)
+        .args(["cache", "stats", "--json"])
+        .env("DBUILD_DATA_DIR", data.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(stats["entries"].as_u64().unwrap() >= 2, "{stats}");
+    assert!(stats["hits"].as_u64().unwrap() >= 2, "{stats}");
+
+    // Pruning everything removes the stage images from the daemon too.
+    let out = Command::new(DBUILD)
+        .args(["cache", "prune", "--all", "--json"])
+        .env("DBUILD_DATA_DIR", data.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = submit_local(&[]);
+    assert!(again.ok, "{}", again.stderr);
+    assert_eq!(
+        stages(&again, "stage_finished"),
+        vec![0, 1],
+        "{:?}",
+        again.events
+    );
+}
