@@ -247,14 +247,7 @@ fn embedded_cache_and_single_flight_across_processes() {
             .env_remove("DBUILD_COORDINATOR")
             .output()
             .unwrap();
-        Submitted {
-            ok: out.status.success(),
-            events: String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        Submitted::from_output(out)
     };
     let subs: Vec<Submitted> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..8).map(|_| s.spawn(|| submit_local(&[]))).collect();

@@ -260,13 +260,9 @@ impl StageCache {
     }
 
     fn add(&self, counter: &[u8], n: u64) -> Result<(), StoreError> {
-        let old = self
-            .index
-            .get(Tree::Meta, counter)?
-            .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0);
+        let old = self.counter(counter)?;
         self.index
-            .put(Tree::Meta, counter, &(old.saturating_add(n)).to_be_bytes())
+            .put(Tree::Meta, counter, &old.saturating_add(n).to_be_bytes())
     }
 
     fn counter(&self, counter: &[u8]) -> Result<u64, StoreError> {

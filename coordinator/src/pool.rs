@@ -409,14 +409,7 @@ impl Executor for WorkerPool {
                     .insert(id.clone());
                 id
             };
-            let export = self
-                .state
-                .lock()
-                .unwrap()
-                .exports
-                .get(&task.build_id)
-                .and_then(|e| e.get(&task.stage).cloned())
-                .unwrap_or_default();
+            let export = self.needs(&task);
             let _ = logs.send(StageLog {
                 stage: task.stage,
                 line: String::new(),

@@ -8,6 +8,7 @@ use anyhow::Context;
 use coordinator::cache::{
     parse_duration, parse_size, CacheStats, PruneOptions, PruneReport, StageCache, StageRecord,
 };
+use coordinator::service::workers::{document, from_document};
 use coordinator::store::Store;
 use proto::v1::{CacheListRequest, CacheStatsRequest, Document};
 
@@ -67,20 +68,8 @@ pub fn run(args: CacheArgs) -> anyhow::Result<()> {
         .block_on(cache(args))
 }
 
-fn document(kind: &str, v: &impl serde::Serialize) -> Document {
-    Document {
-        kind: kind.into(),
-        json: serde_json::to_vec(v).expect("serializes"),
-    }
-}
-
 fn parse<T: serde::de::DeserializeOwned>(kind: &str, d: Document) -> anyhow::Result<T> {
-    anyhow::ensure!(
-        d.kind == kind,
-        "the coordinator sent a {} document, expected {kind}",
-        d.kind
-    );
-    Ok(serde_json::from_slice(&d.json)?)
+    from_document(kind, Some(&d)).map_err(|s| anyhow::anyhow!("{}", s.message()))
 }
 
 async fn cache(args: CacheArgs) -> anyhow::Result<()> {

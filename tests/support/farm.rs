@@ -88,6 +88,18 @@ pub struct Submitted {
 }
 
 impl Submitted {
+    /// A finished `dbuild submit --progress json`: its exit, events and stderr.
+    pub fn from_output(out: std::process::Output) -> Submitted {
+        Submitted {
+            ok: out.status.success(),
+            events: String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
     /// Which worker each stage was placed on (its stage_started event names it).
     pub fn placement(&self, stage: u64) -> Option<String> {
         self.events.iter().find_map(|e| {
@@ -111,12 +123,5 @@ pub fn submit(url: &str, ctx: &Path, args: &[&str], data: &Path) -> Submitted {
         .env_remove("DOCKER_HOST")
         .output()
         .expect("submit runs");
-    Submitted {
-        ok: out.status.success(),
-        events: String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Submitted::from_output(out)
 }

@@ -5,7 +5,7 @@ use proto::v1::cache_service_server::CacheService;
 use proto::v1::{CacheListRequest, CacheStatsRequest, Document};
 use tonic::{Request, Response, Status};
 
-use super::workers::from_document;
+use super::workers::{document, from_document};
 use crate::cache::{PruneOptions, StageCache};
 
 pub struct CacheServer {
@@ -15,13 +15,6 @@ pub struct CacheServer {
 impl CacheServer {
     pub fn new(cache: Arc<StageCache>) -> Self {
         CacheServer { cache }
-    }
-}
-
-fn document(kind: &str, value: &impl serde::Serialize) -> Document {
-    Document {
-        kind: kind.to_string(),
-        json: serde_json::to_vec(value).expect("documents serialize"),
     }
 }
 

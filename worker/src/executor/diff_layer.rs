@@ -286,18 +286,26 @@ fn write_layer(
         }
     }
     for d in deleted {
-        let name = d.rsplit('/').next().unwrap_or("");
-        let wh = cp::join(cp::parent(d), &format!(".wh.{name}"));
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_mode(0o644);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_size(0);
-        h.set_mtime(0);
-        out.append_data(&mut h, wh.trim_start_matches('/'), std::io::empty())?;
+        append_whiteout(&mut out, d)?;
     }
     out.into_inner()
+}
+
+/// Appends the whiteout entry that deletes absolute `path` in the layers below.
+pub fn append_whiteout<W: std::io::Write>(
+    out: &mut tar::Builder<W>,
+    path: &str,
+) -> std::io::Result<()> {
+    let name = path.rsplit('/').next().unwrap_or("");
+    let wh = cp::join(cp::parent(path), &format!(".wh.{name}"));
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_size(0);
+    h.set_mtime(0);
+    out.append_data(&mut h, wh.trim_start_matches('/'), std::io::empty())
 }
 
 #[cfg(test)]

@@ -285,15 +285,7 @@ impl DockerExecutor {
             .map_err(fail)?;
         }
         for p in created {
-            let (dir, name) = (cp::parent(p), p.rsplit('/').next().unwrap_or(""));
-            let wh = format!("{}/.wh.{name}", dir.trim_end_matches('/'));
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(tar::EntryType::Regular);
-            h.set_mode(0o644);
-            h.set_size(0);
-            h.set_mtime(0);
-            tar.append_data(&mut h, wh.trim_start_matches('/'), std::io::empty())
-                .map_err(fail)?;
+            diff_layer::append_whiteout(&mut tar, p).map_err(fail)?;
         }
         let layer = tar.into_inner().map_err(fail)?;
         st.state = self.daemon.add_layer(&st.state, layer, st.res).await?;
