@@ -104,3 +104,31 @@ fn an_index_that_will_not_open_is_rebuilt_not_fatal() {
         "the unusable index is kept aside for inspection"
     );
 }
+
+/// sled allows one process per index: a second opener must fail and leave the index, and
+/// everything in it, where it is (it once moved a running coordinator's index aside).
+#[test]
+fn an_index_in_use_is_an_error_and_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("index");
+    let first = SledStore::open(&path).unwrap();
+    first.put(Tree::Stages, b"k", b"v").unwrap();
+    first.flush().unwrap();
+    // flock conflicts between two open files even within one process.
+    let err = SledStore::open(&path).err().expect("a second open must fail");
+    assert!(
+        matches!(err, coordinator::store::StoreError::Busy { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("in use by another process"), "{err}");
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(names, ["index"], "nothing moved aside");
+    assert_eq!(first.get(Tree::Stages, b"k").unwrap(), Some(b"v".to_vec()));
+    drop(first);
+    let again = SledStore::open(&path).unwrap();
+    assert_eq!(again.get(Tree::Stages, b"k").unwrap(), Some(b"v".to_vec()));
+}

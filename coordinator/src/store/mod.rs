@@ -52,6 +52,9 @@ pub enum StoreError {
     Corrupt { expected: String, actual: String },
     #[error("blob {0} is not in the store")]
     Missing(String),
+    /// Another process holds the index (sled allows one process per index).
+    #[error("index {path} is in use by another process (one process per data dir): stop it, or give this command its own --data-dir")]
+    Busy { path: std::path::PathBuf },
 }
 
 /// Key/value pairs returned by a prefix scan, in key order.

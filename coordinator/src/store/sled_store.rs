@@ -12,13 +12,16 @@ pub struct SledStore {
 }
 
 impl SledStore {
-    /// Opens (or creates) the index at `path`. An index that will not open, or was written by
+    /// Opens (or creates) the index at `path`. An index that is corrupt, or was written by
     /// another schema, is moved aside to `<path>.broken-<unix time>` and started afresh: the
-    /// index is metadata only, and a missing record is just a cache miss.
+    /// index is metadata only, and a missing record is just a cache miss. An index another
+    /// process holds ([`StoreError::Busy`]) or that cannot be read for another I/O reason is
+    /// an error and is left exactly as it is.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         match Self::try_open(path) {
             Ok(s) => Ok(s),
-            Err(e) => {
+            Err(Opening::Failed(e)) => Err(e),
+            Err(Opening::Broken(e)) => {
                 let aside = path.with_extension(format!(
                     "broken-{}",
                     std::time::SystemTime::now()
@@ -31,35 +34,50 @@ impl SledStore {
                     path: path.to_path_buf(),
                     source,
                 })?;
-                Self::try_open(path)
+                Self::try_open(path).map_err(|e| match e {
+                    Opening::Failed(e) | Opening::Broken(e) => e,
+                })
             }
         }
     }
 
-    fn try_open(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .open()
-            .map_err(|e| index_err(path, e))?;
+    fn try_open(path: &Path) -> Result<Self, Opening> {
+        let db = sled::Config::new().path(path).open().map_err(|e| match e {
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                Opening::Failed(StoreError::Busy {
+                    path: path.to_path_buf(),
+                })
+            }
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+                Opening::Failed(StoreError::Io {
+                    path: path.to_path_buf(),
+                    source: io,
+                })
+            }
+            other => Opening::Broken(index_err(path, other)),
+        })?;
         let store = SledStore {
             db,
             path: path.to_path_buf(),
         };
-        match store.get(Tree::Meta, b"schema")? {
+        let schema = store.get(Tree::Meta, b"schema").map_err(Opening::Broken)?;
+        match schema {
             None => {
-                store.put(Tree::Meta, b"schema", SCHEMA_VERSION)?;
-                store.flush()?;
+                store
+                    .put(Tree::Meta, b"schema", SCHEMA_VERSION)
+                    .and_then(|()| store.flush())
+                    .map_err(Opening::Failed)?;
             }
             Some(v) if v == SCHEMA_VERSION => {}
             Some(v) => {
-                return Err(StoreError::Index {
+                return Err(Opening::Broken(StoreError::Index {
                     path: path.to_path_buf(),
                     message: format!(
                         "schema version {} (this dbuild writes {})",
                         String::from_utf8_lossy(&v),
                         String::from_utf8_lossy(SCHEMA_VERSION)
                     ),
-                })
+                }))
             }
         }
         Ok(store)
@@ -70,6 +88,12 @@ impl SledStore {
             .open_tree(tree.name())
             .map_err(|e| index_err(&self.path, e))
     }
+}
+
+/// Why an index did not open: moved aside and rebuilt, or reported as it is.
+enum Opening {
+    Broken(StoreError),
+    Failed(StoreError),
 }
 
 fn index_err(path: &Path, e: impl std::fmt::Display) -> StoreError {
