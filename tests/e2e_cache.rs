@@ -138,6 +138,21 @@ fn farm_cache_reuses_across_builds_restarts_and_concurrent_submits() {
     let ids: std::collections::BTreeSet<String> = subs.iter().map(image_id).collect();
     assert_eq!(ids.len(), 1, "all eight got the same image: {ids:?}");
 
+    // A rebuilt stage that makes the same file again leaves its consumer cached: the final
+    // stage is keyed on the content it copies (as BuildKit's cache is). a.txt's mode bits
+    // are in stage a's key; /a.out, made by `cat`, does not carry them.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        ctx.path().join("a.txt"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let same = submit(&url, ctx.path(), &["--output", "type=none"], &client);
+    assert!(same.ok, "{}", same.stderr);
+    assert_eq!(stages(&same, "stage_finished"), vec![0], "{:?}", same.events);
+    assert_eq!(stages(&same, "stage_cached"), vec![1, 2]);
+    assert_eq!(image_id(&same), image_id(&subs[0]));
+
     // A coordinator restart keeps every entry.
     let before = cache_json(&url, &["ls"]);
     drop((w1, w2, coord));
@@ -272,9 +287,11 @@ fn embedded_cache_and_single_flight_across_processes() {
     assert_eq!(stages(&again, "stage_cached"), vec![0, 1]);
 
     // --no-cache-filter builds the named stage again (and records it).
+    // Its /one comes out the same, so the final stage, keyed on what it copies, is cached.
     let filtered = submit_local(&["--no-cache-filter", "one"]);
     assert!(filtered.ok, "{}", filtered.stderr);
-    assert!(stages(&filtered, "stage_finished").contains(&0));
+    assert_eq!(stages(&filtered, "stage_finished"), vec![0]);
+    assert_eq!(stages(&filtered, "stage_cached"), vec![1]);
 
     let out = Command::new(DBUILD)
         .args(["cache", "stats", "--json"])

@@ -72,6 +72,10 @@ pub struct StageRecord {
     /// removed with the record by an embedded prune.
     #[serde(default)]
     pub tags: BTreeSet<String>,
+    /// Content digests of paths consumers read with `COPY --from` (see
+    /// [`crate::keys::Contents`]): a hit hands them on, so its consumers keep their keys.
+    #[serde(default)]
+    pub contents: BTreeMap<String, String>,
 }
 
 impl StageRecord {
@@ -168,6 +172,7 @@ pub struct Built<'a> {
     pub duration: Duration,
     pub worker: &'a str,
     pub tags: &'a [String],
+    pub contents: &'a BTreeMap<String, String>,
 }
 
 /// The stage cache over an index and (on a coordinator) a blob store.
@@ -414,6 +419,7 @@ impl StageCache {
             duration,
             worker,
             tags,
+            contents,
         } = *b;
         let _g = self.lock.lock().unwrap();
         let now = now_ms();
@@ -424,13 +430,18 @@ impl StageCache {
         });
         // A rebuild of the same key (--no-cache) may give another image id when its
         // commands are not reproducible; either result is valid for the key, and the
-        // artifacts the worker just reported are already in the record.
+        // artifacts the worker just reported are already in the record. Contents describe
+        // one image: another image drops the old ones.
+        if r.image_id != image_id {
+            r.contents.clear();
+        }
         r.image_id = image_id.to_string();
         r.name = name.to_string();
         r.duration_ms = duration.as_millis() as u64;
         r.last_used_ms = now;
         r.holders.insert(worker.to_string());
         r.tags.extend(tags.iter().cloned());
+        r.contents.extend(contents.iter().map(|(k, v)| (k.clone(), v.clone())));
         r.size = if self.blobs.is_some() {
             r.blob_bytes()
         } else {
@@ -440,6 +451,23 @@ impl StageCache {
         self.add(MISSES, 1)?;
         drop(_g);
         self.enforce_cap()
+    }
+
+    /// Adds content digests an executor computed from image `image_id` for a record found
+    /// without them (ignored if the record now names another image).
+    pub fn add_contents(
+        &self,
+        key: &StageKey,
+        image_id: &str,
+        contents: &BTreeMap<String, String>,
+    ) -> Result<(), StoreError> {
+        let _g = self.lock.lock().unwrap();
+        let Some(mut r) = self.get(key)?.filter(|r| r.image_id == image_id) else {
+            return Ok(());
+        };
+        r.contents
+            .extend(contents.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.put(&r)
     }
 
     /// Every record, most recently used first.

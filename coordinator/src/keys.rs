@@ -8,7 +8,9 @@
 //!   stage's key, or scratch; and the platform;
 //! - for COPY/ADD and bind mounts from the context: path, mode bits and content digest of
 //!   exactly the files the sources match (never mtimes, owners or absolute paths);
-//! - for `--from` and `RUN --mount from=`: the source stage's key (or the image reference);
+//! - for `--from` and `RUN --mount from=`: the image reference (pinned id), or for a
+//!   stage either the content digest of exactly the paths read from it, once the stage is
+//!   built and has reported them ([`Contents`]), or else the source stage's key;
 //! - the build args the instruction can see (every ARG in scope for RUN).
 use std::collections::BTreeSet;
 use std::fmt;
@@ -23,7 +25,7 @@ use crate::frontend::plan::{Plan, PlannedInstruction, Stage, StageRef};
 
 /// Bumped whenever the encoding below or the executor's semantics change, so results
 /// built under the old rules stop matching (the executor is part of what makes the output).
-const KEY_CONTEXT: &str = "dbuild 2026-11 instruction key v2";
+const KEY_CONTEXT: &str = "dbuild 2026-11 instruction key v3";
 
 /// The key of one instruction of a stage's chain.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -115,6 +117,30 @@ impl BaseResolver for Unresolved {
     }
 }
 
+/// Content digests of paths of built stages: `(stage, absolute source path)` → digest of
+/// what a `COPY --from` of that path copies (types, modes, owners, content; no mtimes),
+/// as the executor reported it. A consumer whose every `--from` path has one is keyed on
+/// that content instead of the source stage's key, so a rebuilt stage that produced the
+/// same files leaves its consumers cached (as BuildKit's content-based cache does).
+pub trait Contents {
+    fn digest(&self, stage: usize, path: &str) -> Option<String>;
+}
+
+/// No stage has reported contents: `--from` stages are covered by their keys.
+pub struct NoContents;
+
+impl Contents for NoContents {
+    fn digest(&self, _: usize, _: &str) -> Option<String> {
+        None
+    }
+}
+
+impl Contents for std::collections::BTreeMap<usize, std::collections::BTreeMap<String, String>> {
+    fn digest(&self, stage: usize, path: &str) -> Option<String> {
+        self.get(&stage)?.get(path).cloned()
+    }
+}
+
 fn hash_inputs(inputs: &[KeyInput]) -> [u8; 32] {
     let mut h = blake3::Hasher::new_derive_key(KEY_CONTEXT);
     for i in inputs {
@@ -141,10 +167,101 @@ pub fn compute_keys(
 ) -> Vec<StageKeys> {
     let mut out: Vec<StageKeys> = Vec::with_capacity(plan.stages.len());
     for stage in &plan.stages {
-        let keys = stage_keys(plan, stage, &out, manifest, resolver);
+        let keys = stage_keys(plan, stage, &out, manifest, resolver, &NoContents);
         out.push(keys);
     }
     out
+}
+
+/// Re-keys stage `index` once the stages it reads are done: `done` holds their final keys
+/// (indices below `index`), `contents` what they reported. Same rules as [`compute_keys`].
+pub fn rekey_stage(
+    plan: &Plan,
+    index: usize,
+    done: &[StageKeys],
+    manifest: &ContextManifest,
+    resolver: &dyn BaseResolver,
+    contents: &dyn Contents,
+) -> StageKeys {
+    stage_keys(plan, &plan.stages[index], &done[..index], manifest, resolver, contents)
+}
+
+/// The source path a `--from` read is keyed and reported under (absolute, cleaned), or
+/// `None` when the executor must still expand it against the image's ENV.
+pub fn content_path(src: &str) -> Option<String> {
+    if src.contains('$') || src.starts_with("<<") || is_remote(src) {
+        return None;
+    }
+    Some(format!("/{}", clean_source(src)))
+}
+
+/// For every built stage read by `COPY --from` or `RUN --mount from=` (a source other
+/// than `/`): the paths its consumers read, which its executor reports the contents of.
+pub fn content_paths(plan: &Plan) -> std::collections::BTreeMap<usize, BTreeSet<String>> {
+    let mut out: std::collections::BTreeMap<usize, BTreeSet<String>> = Default::default();
+    for s in plan.stages.iter().filter(|s| plan.built[s.index]) {
+        for pi in &s.instructions {
+            for (src, paths) in from_reads(pi) {
+                out.entry(src).or_default().extend(paths.into_iter().flatten());
+            }
+        }
+    }
+    out
+}
+
+/// The stages an instruction reads with `--from` / `mount from=`, each with its content
+/// paths (`None` for one that cannot be content-keyed).
+fn from_reads(pi: &PlannedInstruction) -> Vec<(usize, Vec<Option<String>>)> {
+    let mut out = Vec::new();
+    match &pi.instruction {
+        Instruction::Copy(c) | Instruction::Add(c) => {
+            if let Some(StageRef::Stage(i)) = &pi.copy_from {
+                out.push((*i, c.sources.iter().map(|s| content_path(s)).collect()));
+            }
+        }
+        Instruction::Run(r) => {
+            for (m, from) in r.mounts.iter().zip(&pi.mount_from) {
+                if let (MountType::Bind, Some(StageRef::Stage(i))) = (&m.kind, from) {
+                    // A whole filesystem is not worth reading back: keyed by the stage.
+                    let p = m
+                        .source
+                        .as_deref()
+                        .and_then(content_path)
+                        .filter(|p| p != "/");
+                    out.push((*i, vec![p]));
+                }
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+/// The inputs covering what an instruction reads from stage `i`: one `content` input per
+/// path when every path's content is known, else the stage's key.
+fn from_stage_inputs(
+    what: &str,
+    done: &[StageKeys],
+    plan: &Plan,
+    i: usize,
+    paths: &[Option<String>],
+    contents: &dyn Contents,
+) -> Vec<KeyInput> {
+    let name = plan.stages[i].display_name();
+    let known: Option<Vec<(String, String)>> = paths
+        .iter()
+        .map(|p| {
+            let p = p.as_ref()?;
+            Some((p.clone(), contents.digest(i, p)?))
+        })
+        .collect();
+    match known {
+        Some(known) if !known.is_empty() => known
+            .into_iter()
+            .map(|(p, d)| input(format!("{what} {name} {p}"), format!("content {d}")))
+            .collect(),
+        _ => vec![stage_input(what, done, plan, i)],
+    }
 }
 
 fn image_input(what: &str, reference: &str, resolver: &dyn BaseResolver) -> KeyInput {
@@ -167,6 +284,7 @@ fn stage_keys(
     done: &[StageKeys],
     manifest: &ContextManifest,
     resolver: &dyn BaseResolver,
+    contents: &dyn Contents,
 ) -> StageKeys {
     let platform = stage
         .platform
@@ -207,6 +325,7 @@ fn stage_keys(
             done,
             manifest,
             resolver,
+            contents,
             &mut inputs,
             &mut files,
             &mut missing,
@@ -258,6 +377,7 @@ fn instruction_inputs(
     done: &[StageKeys],
     manifest: &ContextManifest,
     resolver: &dyn BaseResolver,
+    contents: &dyn Contents,
     inputs: &mut Vec<KeyInput>,
     files: &mut BTreeSet<String>,
     missing: &mut Vec<String>,
@@ -265,7 +385,18 @@ fn instruction_inputs(
     match &pi.instruction {
         Instruction::Copy(c) | Instruction::Add(c) => {
             match &pi.copy_from {
-                Some(StageRef::Stage(i)) => inputs.push(stage_input("from stage", done, plan, *i)),
+                Some(StageRef::Stage(i)) => {
+                    let reads = from_reads(pi);
+                    let paths = reads.first().map(|(_, p)| p.as_slice()).unwrap_or(&[]);
+                    inputs.extend(from_stage_inputs(
+                        "from stage",
+                        done,
+                        plan,
+                        *i,
+                        paths,
+                        contents,
+                    ))
+                }
                 Some(StageRef::Image(r)) => inputs.push(image_input("from image", r, resolver)),
                 Some(StageRef::Scratch) => inputs.push(input("from", "scratch")),
                 None => {
@@ -291,13 +422,22 @@ fn instruction_inputs(
             }
         }
         Instruction::Run(r) => {
+            let mut reads = from_reads(pi).into_iter();
             for (m, from) in r.mounts.iter().zip(&pi.mount_from) {
                 if m.kind != MountType::Bind {
                     continue;
                 }
                 match from {
                     Some(StageRef::Stage(i)) => {
-                        inputs.push(stage_input("mount from stage", done, plan, *i))
+                        let paths = reads.next().map(|(_, p)| p).unwrap_or_default();
+                        inputs.extend(from_stage_inputs(
+                            "mount from stage",
+                            done,
+                            plan,
+                            *i,
+                            &paths,
+                            contents,
+                        ))
                     }
                     Some(StageRef::Image(r)) => {
                         inputs.push(image_input("mount from image", r, resolver))

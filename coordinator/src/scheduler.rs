@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Built, StageCache};
 use crate::frontend::plan::{Plan, StageRef};
-use crate::keys::{BaseResolver, StageKey, StageKeys};
+use crate::keys::{content_paths, rekey_stage, BaseResolver, StageKey, StageKeys};
 use crate::task::{
     instruction_image_tag, stage_image_tag, BuildInputs, Executor, StageError, StageLog,
     StageResult, StageTask, TaskBase, TaskInstruction, TaskSource,
@@ -70,18 +70,50 @@ impl BuildRequest {
 /// build of the same key.
 enum Done {
     Built(StageResult),
-    Cached(String),
+    Cached(Hit),
 }
 
-/// The stage's image id if the cache (or, without one, the executor) can stand in for
-/// building it. A hit is counted in the cache.
+/// A stage found in the cache: its image id and the contents of the paths its consumers
+/// read.
+struct Hit {
+    image_id: String,
+    contents: BTreeMap<String, String>,
+}
+
+/// The stage's image id (and the contents of its `digest_paths`) if the cache (or,
+/// without one, the executor) can stand in for building it. A hit is counted in the cache.
 async fn lookup(
     executor: &dyn Executor,
     cache: Option<&StageCache>,
     task: &StageTask,
-) -> Option<String> {
+) -> Option<Hit> {
+    let (image_id, mut contents) = find(executor, cache, task).await?;
+    let missing: Vec<String> = task
+        .digest_paths
+        .iter()
+        .filter(|p| !contents.contains_key(*p))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        let more = executor.contents(&image_id, &missing).await;
+        if let (Some(c), false) = (cache, more.is_empty()) {
+            if let Err(e) = c.add_contents(&task.key, &image_id, &more) {
+                tracing::warn!(error = %e, "could not record a stage's contents");
+            }
+        }
+        contents.extend(more);
+    }
+    Some(Hit { image_id, contents })
+}
+
+async fn find(
+    executor: &dyn Executor,
+    cache: Option<&StageCache>,
+    task: &StageTask,
+) -> Option<(String, BTreeMap<String, String>)> {
     let Some(cache) = cache else {
-        return executor.stage_image(&task.key).await;
+        let id = executor.stage_image(&task.key).await?;
+        return Some((id, BTreeMap::new()));
     };
     let need = executor.needs(task);
     match cache.find(&task.key, &need) {
@@ -92,7 +124,7 @@ async fn lookup(
             if let Err(e) = cache.count_hit(&task.key, &task.display_name()) {
                 tracing::warn!(error = %e, "could not count a cache hit");
             }
-            return Some(record.image_id);
+            return Some((record.image_id, record.contents));
         }
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "cache index unreadable: asking the executor"),
@@ -108,7 +140,7 @@ async fn lookup(
         if let Err(e) = adopted {
             tracing::warn!(error = %e, "could not record a stage found on the executor");
         }
-        return Some(id);
+        return Some((id, BTreeMap::new()));
     }
     None
 }
@@ -232,6 +264,9 @@ pub struct BuildOutcome {
     pub target_key: StageKey,
     /// The target's image id on the executor's daemon.
     pub image_id: String,
+    /// Every stage's keys as built: a stage reading another with `COPY --from` is keyed on
+    /// the contents it read once that stage is done, so these can differ from the plan's.
+    pub keys: Vec<StageKeys>,
     pub results: BTreeMap<usize, StageResult>,
     pub cached: BTreeSet<usize>,
     pub duration: Duration,
@@ -252,9 +287,14 @@ pub enum BuildError {
 
 /// Builds the task for stage `index` of a keyed plan.
 pub fn stage_task(req: &BuildRequest, index: usize) -> StageTask {
+    stage_task_keyed(req, &req.keys, index)
+}
+
+/// Builds the task for stage `index` with `all_keys` (the build's current keys).
+fn stage_task_keyed(req: &BuildRequest, all_keys: &[StageKeys], index: usize) -> StageTask {
     let plan = &req.plan;
     let stage = &plan.stages[index];
-    let keys = &req.keys[index];
+    let keys = &all_keys[index];
     let source = |r: &StageRef| match r {
         StageRef::Scratch => TaskSource::Scratch,
         StageRef::Image(reference) => TaskSource::Image {
@@ -266,7 +306,7 @@ pub fn stage_task(req: &BuildRequest, index: usize) -> StageTask {
         },
         StageRef::Stage(i) => TaskSource::Stage {
             index: *i,
-            key: req.keys[*i].key,
+            key: all_keys[*i].key,
         },
     };
     let base = match source(&stage.base) {
@@ -307,6 +347,10 @@ pub fn stage_task(req: &BuildRequest, index: usize) -> StageTask {
         escape: req.plan.escape,
         no_cache: req.skips_cache(index),
         build_args: plan.build_args.clone(),
+        digest_paths: content_paths(plan)
+            .remove(&index)
+            .map(|p| p.into_iter().collect())
+            .unwrap_or_default(),
     }
 }
 
@@ -393,7 +437,11 @@ impl Scheduler {
         let ev = |e: BuildEvent| {
             let _ = events.send(e);
         };
-        let key_hex = |i: usize| req.keys[i].key.to_hex();
+        // Keys as built: a stage is re-keyed when it becomes ready, on the final keys and
+        // reported contents of the stages it reads.
+        let mut keys: Vec<StageKeys> = req.keys.to_vec();
+        let mut contents: BTreeMap<usize, BTreeMap<String, String>> = BTreeMap::new();
+        let key_hex = |keys: &[StageKeys], i: usize| keys[i].key.to_hex();
         let name = |i: usize| plan.stages[i].name.clone();
 
         loop {
@@ -411,21 +459,32 @@ impl Scheduler {
                     .collect();
                 ready.sort_by_key(|i| (std::cmp::Reverse(priority[*i]), *i));
                 for i in ready {
-                    let task = stage_task(req, i);
+                    if keys[i].key == req.keys[i].key {
+                        keys[i] = rekey_stage(
+                            plan,
+                            i,
+                            &keys,
+                            &inputs.manifest,
+                            &req.pinned,
+                            &contents,
+                        );
+                    }
+                    let task = stage_task_keyed(req, &keys, i);
                     if !req.skips_cache(i) {
-                        if let Some(id) =
+                        if let Some(hit) =
                             lookup(&*self.executor, self.cache.as_deref(), &task).await
                         {
                             pending.remove(&i);
                             ev(BuildEvent::StageCached {
                                 stage: i,
                                 name: name(i),
-                                key: key_hex(i),
+                                key: key_hex(&keys, i),
                                 worker: worker.clone(),
-                                image_id: id.clone(),
+                                image_id: hit.image_id.clone(),
                             });
                             cached.insert(i);
-                            done.insert(i, id);
+                            contents.insert(i, hit.contents);
+                            done.insert(i, hit.image_id);
                             continue;
                         }
                     }
@@ -441,7 +500,7 @@ impl Scheduler {
                     let token = stages_cancel.child_token();
                     let (log_tx, mut log_rx) = mpsc::unbounded_channel::<StageLog>();
                     let events = events.clone();
-                    let (n, k, w) = (name(i), key_hex(i), worker.clone());
+                    let (n, k, w) = (name(i), key_hex(&keys, i), worker.clone());
                     let cache = self.cache.clone();
                     let flights = self.flights.clone();
                     running.spawn(async move {
@@ -451,10 +510,10 @@ impl Scheduler {
                                 // Whoever held the key may have finished it since this
                                 // build looked (waiting or not): look again.
                                 Claim::Held { _file, .. } => {
-                                    if let Some(id) =
+                                    if let Some(hit) =
                                         lookup(&*executor, cache.as_deref(), &task).await
                                     {
-                                        return (i, Ok(Done::Cached(id)), w);
+                                        return (i, Ok(Done::Cached(hit)), w);
                                     }
                                     Some(_file)
                                 }
@@ -515,6 +574,7 @@ impl Scheduler {
                                 duration: res.duration,
                                 worker: &w,
                                 tags: &tags,
+                                contents: &res.contents,
                             }) {
                                 tracing::warn!(error = %e, "could not record the stage in the cache");
                             }
@@ -558,22 +618,23 @@ impl Scheduler {
                 }
             };
             match result {
-                Ok(Done::Cached(id)) => {
+                Ok(Done::Cached(hit)) => {
                     ev(BuildEvent::StageCached {
                         stage: i,
                         name: name(i),
-                        key: key_hex(i),
+                        key: key_hex(&keys, i),
                         worker: placed,
-                        image_id: id.clone(),
+                        image_id: hit.image_id.clone(),
                     });
                     cached.insert(i);
-                    done.insert(i, id);
+                    contents.insert(i, hit.contents);
+                    done.insert(i, hit.image_id);
                 }
                 Ok(Done::Built(r)) => {
                     ev(BuildEvent::StageFinished {
                         stage: i,
                         name: name(i),
-                        key: key_hex(i),
+                        key: key_hex(&keys, i),
                         worker: placed,
                         image_id: r.image_id.clone(),
                         executed: r.executed,
@@ -582,6 +643,7 @@ impl Scheduler {
                         command_ms: r.command_time.as_millis() as u64,
                     });
                     done.insert(i, r.image_id.clone());
+                    contents.insert(i, r.contents.clone());
                     results.insert(i, r);
                 }
                 Err(error) => {
@@ -589,7 +651,7 @@ impl Scheduler {
                     ev(BuildEvent::StageFailed {
                         stage: i,
                         name: name(i),
-                        key: key_hex(i),
+                        key: key_hex(&keys, i),
                         worker: placed,
                         error: error.message.clone(),
                         line: error.line,
@@ -612,8 +674,9 @@ impl Scheduler {
             (Some(f), _) => Err(f),
             (None, Some(id)) => Ok(BuildOutcome {
                 target,
-                target_key: req.keys[target].key,
+                target_key: keys[target].key,
                 image_id: id.clone(),
+                keys: keys.clone(),
                 results,
                 cached,
                 duration,
@@ -624,7 +687,7 @@ impl Scheduler {
             ok: outcome.is_ok(),
             stage: target,
             name: name(target),
-            key: key_hex(target),
+            key: key_hex(&keys, target),
             worker,
             image_id: outcome.as_ref().ok().map(|o| o.image_id.clone()),
             duration_ms: duration.as_millis() as u64,

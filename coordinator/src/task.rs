@@ -87,6 +87,11 @@ pub struct StageTask {
     /// reads the base image's ENV exactly as Docker does.
     #[serde(default)]
     pub build_args: BTreeMap<String, String>,
+    /// Paths (absolute, as [`crate::keys::content_path`] spells them) that later stages
+    /// read with `COPY --from` / `mount from=`: the executor reports their content digests
+    /// in [`StageResult::contents`], which key those consumers.
+    #[serde(default)]
+    pub digest_paths: Vec<String>,
 }
 
 impl StageTask {
@@ -113,6 +118,9 @@ pub struct StageResult {
     /// Size of the stage image on the executor's daemon (bytes, base layers included).
     #[serde(default)]
     pub size: u64,
+    /// Content digest of each of the task's `digest_paths` that exists in the result.
+    #[serde(default)]
+    pub contents: BTreeMap<String, String>,
 }
 
 /// Reads the build context's files for an executor.
@@ -237,6 +245,17 @@ pub trait Executor: Send + Sync {
     /// executor must still hold the stage image.
     async fn holds(&self, task: &StageTask, _record: &crate::cache::StageRecord) -> bool {
         self.stage_image(&task.key).await.is_some()
+    }
+
+    /// Content digests of `paths` of the stage result `image_id`, for a stage found in the
+    /// cache whose record lacks them. Paths the executor cannot read are left out (their
+    /// consumers are then keyed by the stage's key).
+    async fn contents(
+        &self,
+        _image_id: &str,
+        _paths: &[String],
+    ) -> BTreeMap<String, String> {
+        BTreeMap::new()
     }
 
     /// Builds one stage. Log lines go to `logs` as they come.

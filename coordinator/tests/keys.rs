@@ -3,7 +3,9 @@ use coordinator::context::{ContextManifest, EntryKind, ManifestEntry};
 use coordinator::digest::BlobDigest;
 use coordinator::frontend::parser::parse;
 use coordinator::frontend::plan::{plan, PlanOptions, Platform};
-use coordinator::keys::{compute_keys, match_sources, BaseResolver, StageKeys, Unresolved};
+use coordinator::keys::{
+    compute_keys, match_sources, rekey_stage, BaseResolver, NoContents, StageKeys, Unresolved,
+};
 
 fn file(path: &str, mode: u32, content: &str) -> ManifestEntry {
     ManifestEntry {
@@ -233,4 +235,50 @@ fn keys_explain_themselves() {
     assert_eq!(k[0].chain[0].inputs[0].name, "base image golang:1.7.3");
     assert_eq!(k[2].key.to_hex(), k[2].chain.last().unwrap().key.to_hex());
     assert_eq!(k[0].key.to_hex().len(), 64);
+}
+
+#[test]
+fn a_from_stage_read_is_keyed_on_its_content_once_known() {
+    let src = "FROM alpine AS a\nRUN make\nFROM alpine AS b\nRUN other\nFROM alpine\nCOPY --from=a /out/ /o\nRUN --mount=from=b,source=/x,target=/x cat /x\nCOPY --from=a /out/* /w/\n";
+    let df = parse(src.as_bytes()).unwrap();
+    let p = plan(&df, &opts(&[])).unwrap();
+    let m = ctx(base_ctx());
+    let ks = compute_keys(&p, &m, &Unresolved);
+    // Without contents, re-keying changes nothing.
+    let same = rekey_stage(&p, 2, &ks, &m, &Unresolved, &NoContents);
+    assert_eq!(same.key, ks[2].key);
+    let paths = coordinator::keys::content_paths(&p);
+    assert_eq!(paths[&0].iter().collect::<Vec<_>>(), ["/out", "/out/*"]);
+    assert_eq!(paths[&1].iter().collect::<Vec<_>>(), ["/x"]);
+    let contents = |out: &str| {
+        std::collections::BTreeMap::from([
+            (
+                0usize,
+                std::collections::BTreeMap::from([
+                    ("/out".to_string(), out.to_string()),
+                    ("/out/*".to_string(), "w".to_string()),
+                ]),
+            ),
+            (1, std::collections::BTreeMap::from([("/x".to_string(), "x".to_string())])),
+        ])
+    };
+    let k1 = rekey_stage(&p, 2, &ks, &m, &Unresolved, &contents("1"));
+    assert_ne!(k1.key, ks[2].key);
+    let names: Vec<&str> = k1.chain[1].inputs.iter().map(|i| i.name.as_str()).collect();
+    assert!(names.contains(&"from stage a /out"), "{names:?}");
+    assert!(!names.contains(&"from stage a"), "{names:?}");
+    let mount: Vec<&str> = k1.chain[2].inputs.iter().map(|i| i.name.as_str()).collect();
+    assert!(mount.contains(&"mount from stage b /x"), "{mount:?}");
+    // The same content whatever stage a's key: the same key; other content: another.
+    let mut moved = ks.clone();
+    moved[0].key = coordinator::keys::StageKey([7; 32]);
+    assert_eq!(rekey_stage(&p, 2, &moved, &m, &Unresolved, &contents("1")).key, k1.key);
+    assert_ne!(rekey_stage(&p, 2, &ks, &m, &Unresolved, &contents("2")).key, k1.key);
+    // A path without a reported content falls back to the stage's key.
+    let partial = std::collections::BTreeMap::from([(
+        0usize,
+        std::collections::BTreeMap::from([("/out".to_string(), "1".to_string())]),
+    )]);
+    let k = rekey_stage(&p, 2, &ks, &m, &Unresolved, &partial);
+    assert!(k.chain[3].inputs.iter().any(|i| i.name == "from stage a"));
 }

@@ -25,6 +25,18 @@ struct SimulatedExecutor {
     started: Mutex<Vec<usize>>,
     cleaned_up: Mutex<Vec<usize>>,
     present: Mutex<BTreeSet<StageKey>>,
+    /// What every stage reports as the content of each path read from it.
+    contents: Mutex<BTreeMap<String, String>>,
+}
+
+impl SimulatedExecutor {
+    fn contents_of(&self, paths: &[String]) -> BTreeMap<String, String> {
+        let c = self.contents.lock().unwrap();
+        paths
+            .iter()
+            .filter_map(|p| Some((p.clone(), c.get(p)?.clone())))
+            .collect()
+    }
 }
 
 #[async_trait::async_trait]
@@ -41,6 +53,9 @@ impl Executor for SimulatedExecutor {
             .unwrap()
             .contains(key)
             .then(|| format!("img-{key}"))
+    }
+    async fn contents(&self, _: &str, paths: &[String]) -> BTreeMap<String, String> {
+        self.contents_of(paths)
     }
     async fn run_stage(
         &self,
@@ -70,6 +85,7 @@ impl Executor for SimulatedExecutor {
                 } else {
                     self.present.lock().unwrap().insert(task.key);
                     Ok(StageResult {
+                        contents: self.contents_of(&task.digest_paths),
                         size: 0,
                         stage: task.stage,
                         key: task.key,
@@ -100,12 +116,19 @@ impl ContextFiles for NoFiles {
 }
 
 fn request(src: &str, target: Option<&str>) -> BuildRequest {
+    request_with(src, target, &[])
+}
+
+fn request_with(src: &str, target: Option<&str>, args: &[(&str, &str)]) -> BuildRequest {
     let df = parse(src.as_bytes()).unwrap();
     let p = plan(
         &df,
         &PlanOptions {
             target: target.map(str::to_string),
-            build_args: BTreeMap::new(),
+            build_args: args
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             platform: Platform::host(),
         },
     )
@@ -324,4 +347,54 @@ async fn stages_already_built_are_cached() {
         .0
         .unwrap();
     assert_eq!(exec.started.lock().unwrap().len(), 5);
+}
+
+/// BuildKit's content-based reuse: a `COPY --from` consumer is keyed on what it copies, so
+/// a rebuilt source stage that produced the same file leaves its consumer cached, and one
+/// that produced another file does not.
+#[tokio::test]
+async fn a_consumer_is_keyed_on_the_content_it_copies() {
+    const DF: &str = "FROM alpine AS a\nARG V\nRUN make $V\nFROM alpine\nCOPY --from=a /out /out\n";
+    let exec = Arc::new(SimulatedExecutor::default());
+    exec.contents
+        .lock()
+        .unwrap()
+        .insert("/out".into(), "digest-1".into());
+    let req = |v| request_with(DF, None, &[("V", v)]);
+    assert_eq!(
+        coordinator::keys::content_paths(&req("1").plan)
+            .get(&0)
+            .map(|p| p.iter().cloned().collect::<Vec<_>>()),
+        Some(vec!["/out".to_string()])
+    );
+    let first = run(Arc::clone(&exec), 2, &req("1"), CancellationToken::new())
+        .await
+        .0
+        .unwrap();
+    assert_ne!(
+        first.keys[1].key,
+        req("1").keys[1].key,
+        "the consumer is re-keyed on the content"
+    );
+    // Stage a's input changed, its output did not: only a runs.
+    exec.started.lock().unwrap().clear();
+    let second = run(Arc::clone(&exec), 2, &req("2"), CancellationToken::new())
+        .await
+        .0
+        .unwrap();
+    assert_eq!(*exec.started.lock().unwrap(), vec![0]);
+    assert_eq!(second.cached, BTreeSet::from([1]));
+    assert_eq!(second.target_key, first.target_key);
+    // Its output changed too: the consumer runs again.
+    exec.contents
+        .lock()
+        .unwrap()
+        .insert("/out".into(), "digest-2".into());
+    exec.started.lock().unwrap().clear();
+    let third = run(Arc::clone(&exec), 2, &req("3"), CancellationToken::new())
+        .await
+        .0
+        .unwrap();
+    assert_eq!(*exec.started.lock().unwrap(), vec![0, 1]);
+    assert_ne!(third.target_key, first.target_key);
 }

@@ -178,6 +178,37 @@ impl DockerExecutor {
         }
     }
 
+    /// Content digests ([`tree::trees_digest`]) of `paths` of `image`, read as `COPY --from`
+    /// reads them. A path that cannot be read is left out.
+    async fn image_contents(
+        &self,
+        res: &Resources,
+        image: &str,
+        paths: &[String],
+    ) -> std::collections::BTreeMap<String, String> {
+        let mut out = std::collections::BTreeMap::new();
+        let container = match self.new_read_container(res, image, "contents").await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(image, error = %e, "cannot read the stage's contents");
+                return out;
+            }
+        };
+        let reads = paths.iter().map(|p| {
+            let container = &container;
+            async move { (p, self.image_sources(container, p).await) }
+        });
+        for (p, r) in futures::future::join_all(reads).await {
+            match r {
+                Ok(trees) => {
+                    out.insert(p.clone(), tree::trees_digest(&trees));
+                }
+                Err(e) => tracing::debug!(path = %p, error = %e, "no contents for path"),
+            }
+        }
+        out
+    }
+
     async fn stage(
         &self,
         task: &StageTask,
@@ -288,7 +319,17 @@ impl DockerExecutor {
         .await
         .map_err(|e| docker::derr(format!("the stage image {stage_tag}"), e))?;
         let image_id = image.id.unwrap_or_default();
+        let contents = if task.digest_paths.is_empty() {
+            Default::default()
+        } else {
+            docker::timed(
+                "contents",
+                self.image_contents(res, &stage_tag, &task.digest_paths),
+            )
+            .await
+        };
         Ok(StageResult {
+            contents,
             size: image.size.unwrap_or(0).max(0) as u64,
             stage: task.stage,
             key: task.key,
@@ -364,6 +405,17 @@ impl DockerExecutor {
 impl Executor for DockerExecutor {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    async fn contents(
+        &self,
+        image_id: &str,
+        paths: &[String],
+    ) -> std::collections::BTreeMap<String, String> {
+        let res = Resources::default();
+        let out = self.image_contents(&res, image_id, paths).await;
+        res.cleanup(&self.daemon.docker).await;
+        out
     }
 
     async fn resolve_image(&self, reference: &str, pull: bool) -> Result<String, StageError> {

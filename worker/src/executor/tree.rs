@@ -215,6 +215,36 @@ pub fn tar_tree(data: &[u8], src_path: &str) -> Result<SourceTree, String> {
     })
 }
 
+/// The digest of what a `COPY --from` of these trees copies: each tree's name and path,
+/// and every entry's relative path, type, mode, owner, content and link target; never
+/// mtimes. Equal digests copy equal files, so a consumer keyed on it stays valid.
+pub fn trees_digest(trees: &[SourceTree]) -> String {
+    let mut h = blake3::Hasher::new_derive_key("dbuild 2026-11 copied content v1");
+    let mut field = |s: &str| {
+        h.update(&(s.len() as u64).to_le_bytes());
+        h.update(s.as_bytes());
+    };
+    for t in trees {
+        field(&t.name);
+        field(&t.path);
+        field(&t.entries.len().to_string());
+        for e in &t.entries {
+            field(&e.rel);
+            field(&format!("{:o} {} {}", e.mode, e.uid, e.gid));
+            let kind = match &e.kind {
+                Kind::Dir => "dir".to_string(),
+                Kind::File(Content::Bytes(b)) => format!("file {}", blake3::hash(b).to_hex()),
+                // Image trees hold bytes; a context path is named by its manifest digest.
+                Kind::File(Content::Context(p, size)) => format!("context {p} {size}"),
+                Kind::Symlink(t) => format!("symlink {t}"),
+                Kind::Hardlink(t) => format!("hardlink {t}"),
+            };
+            field(&kind);
+        }
+    }
+    h.finalize().to_hex().to_string()
+}
+
 /// A single file made by the executor (heredoc, URL download).
 pub fn bytes_tree(name: &str, data: Vec<u8>, mode: u32) -> SourceTree {
     SourceTree {
