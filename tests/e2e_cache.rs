@@ -285,6 +285,13 @@ fn embedded_cache_and_single_flight_across_processes() {
     let again = submit_local(&[]);
     assert!(again.ok, "{}", again.stderr);
     assert_eq!(stages(&again, "stage_cached"), vec![0, 1]);
+    // Every lock was deleted by its holder on release.
+    let left: Vec<_> = std::fs::read_dir(data.path().join("locks"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "lock files left behind: {left:?}");
 
     // --no-cache-filter builds the named stage again (and records it).
     // Its /one comes out the same, so the final stage, keyed on what it copies, is cached.

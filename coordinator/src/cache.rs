@@ -158,8 +158,29 @@ pub struct PruneOptions {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PruneReport {
     pub removed: Vec<StageRecord>,
+    /// Bytes of the removed records and of the unreferenced blobs swept.
     pub bytes_freed: u64,
     pub blobs_removed: u64,
+    /// Blobs no record named (build contexts), older than the grace period and used by
+    /// no running build, removed.
+    #[serde(default)]
+    pub unreferenced_removed: u64,
+}
+
+/// How long a blob no record names is kept: a client uploads a context before it submits,
+/// and the build names its blobs only once submitted.
+pub const UNREFERENCED_GRACE: Duration = Duration::from_secs(3600);
+
+/// Blobs a running build reads (its context): never swept while this lives.
+pub struct BlobPins {
+    cache: Arc<StageCache>,
+    id: u64,
+}
+
+impl Drop for BlobPins {
+    fn drop(&mut self) {
+        self.cache.pins.lock().unwrap().remove(&self.id);
+    }
 }
 
 /// A stage a worker finished, as [`StageCache::stage_built`] records it.
@@ -186,6 +207,10 @@ pub struct StageCache {
     /// Blobs hashed since this process started, with the (size, mtime) they had then: a
     /// blob is hashed again only when its file changed.
     verified: Mutex<std::collections::HashMap<String, (u64, std::time::SystemTime)>>,
+    /// Blobs running builds read, by pin id ([`BlobPins`]).
+    pins: Mutex<BTreeMap<u64, BTreeSet<String>>>,
+    /// When unreferenced blobs were last swept.
+    last_sweep: Mutex<Option<std::time::Instant>>,
 }
 
 pub fn now_ms() -> u64 {
@@ -235,6 +260,8 @@ impl StageCache {
             lock: Mutex::new(()),
             max_bytes: None,
             verified: Mutex::default(),
+            pins: Mutex::default(),
+            last_sweep: Mutex::new(None),
         })
     }
 
@@ -496,10 +523,13 @@ impl StageCache {
 
     fn enforce_cap(&self) -> Result<(), StoreError> {
         if let Some(max) = self.max_bytes {
-            let r = self.prune(&PruneOptions {
-                keep_bytes: Some(max),
-                ..Default::default()
-            })?;
+            let r = self.prune_inner(
+                &PruneOptions {
+                    keep_bytes: Some(max),
+                    ..Default::default()
+                },
+                false,
+            )?;
             if !r.removed.is_empty() {
                 tracing::info!(
                     records = r.removed.len(),
@@ -511,8 +541,14 @@ impl StageCache {
         Ok(())
     }
 
-    /// Removes records (least recently used first) and the blobs only they name.
+    /// Removes records (least recently used first) and the blobs only they name, then the
+    /// blobs no record names (contexts) that are past [`UNREFERENCED_GRACE`] (all of
+    /// them with `all`) and no running build pinned.
     pub fn prune(&self, opts: &PruneOptions) -> Result<PruneReport, StoreError> {
+        self.prune_inner(opts, true)
+    }
+
+    fn prune_inner(&self, opts: &PruneOptions, explicit: bool) -> Result<PruneReport, StoreError> {
         let _g = self.lock.lock().unwrap();
         let mut list = self.list()?;
         // Oldest last use first.
@@ -553,6 +589,21 @@ impl StageCache {
                     }
                 }
             }
+            // Context blobs belong to no record: swept once past the grace period (at
+            // once for --all), at most every ten minutes when the cap is enforced.
+            let due = self
+                .last_sweep
+                .lock()
+                .unwrap()
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(600));
+            if explicit || due {
+                let grace = if opts.all {
+                    Duration::ZERO
+                } else {
+                    UNREFERENCED_GRACE
+                };
+                self.sweep(blobs, &kept, grace, &mut report)?;
+            }
         }
         self.index.flush()?;
         Ok(report)
@@ -560,6 +611,54 @@ impl StageCache {
 
     pub fn flush(&self) -> Result<(), StoreError> {
         self.index.flush()
+    }
+
+    /// Keeps `digests` (a running build's context) from being swept until the guard drops.
+    pub fn pin_blobs(self: &Arc<Self>, digests: impl IntoIterator<Item = String>) -> BlobPins {
+        let mut pins = self.pins.lock().unwrap();
+        let id = pins.keys().next_back().map_or(0, |k| k + 1);
+        pins.insert(id, digests.into_iter().collect());
+        BlobPins {
+            cache: Arc::clone(self),
+            id,
+        }
+    }
+
+    /// Removes blobs no record in `kept` names, older than `grace` and pinned by no build.
+    fn sweep(
+        &self,
+        blobs: &BlobStore,
+        kept: &BTreeSet<&str>,
+        grace: Duration,
+        report: &mut PruneReport,
+    ) -> Result<(), StoreError> {
+        let pinned: BTreeSet<String> = self
+            .pins
+            .lock()
+            .unwrap()
+            .values()
+            .flatten()
+            .cloned()
+            .collect();
+        let now = std::time::SystemTime::now();
+        for (d, size) in blobs.list()? {
+            let hex = d.to_hex();
+            if kept.contains(hex.as_str()) || pinned.contains(&hex) {
+                continue;
+            }
+            let age = blobs
+                .metadata(&d)
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| now.duration_since(t).ok())
+                .unwrap_or_default();
+            if age >= grace && blobs.remove(&d)? {
+                report.unreferenced_removed += 1;
+                report.blobs_removed += 1;
+                report.bytes_freed += size;
+            }
+        }
+        *self.last_sweep.lock().unwrap() = Some(std::time::Instant::now());
+        Ok(())
     }
 }
 

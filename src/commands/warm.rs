@@ -159,12 +159,9 @@ pub fn run(args: WarmArgs) -> anyhow::Result<()> {
                 }
             }
         };
-        if json {
-            println!("{line}");
-            std::io::stdout().flush()?;
-        } else {
-            eprintln!("{line}");
-        }
+        // Summaries are the command's result: stdout (progress goes to stderr).
+        println!("{line}");
+        std::io::stdout().flush()?;
     }
     if failed > 0 {
         bail!("{failed} of {} warm builds failed", entries.len());

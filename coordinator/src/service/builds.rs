@@ -158,7 +158,17 @@ impl BuildService for BuildServer {
         let pool = Arc::clone(&self.pool);
         let builds = Arc::clone(&self.builds);
         let locks = self.locks.clone();
+        // The context's blobs belong to no record: pinned against the sweep while the
+        // build runs.
+        let pins = pool.cache().pin_blobs(
+            inputs
+                .manifest
+                .iter()
+                .filter_map(|e| e.digest())
+                .map(|d| d.to_hex()),
+        );
         tokio::spawn(async move {
+            let _pins = pins;
             let (tx, mut rx) = mpsc::unbounded_channel();
             let forward_tx = out_tx.clone();
             let id = build_id.clone();

@@ -56,7 +56,10 @@ impl ContentService for ContentServer {
         let mut missing = Vec::new();
         for d in &req.get_ref().digests {
             let digest = parse_digest(Some(d))?;
-            if !self.blobs.contains(&digest) {
+            if self.blobs.contains(&digest) {
+                // About to be named by a build: not swept as unreferenced meanwhile.
+                self.blobs.touch(&digest);
+            } else {
                 missing.push(pb_digest(&digest));
             }
         }
