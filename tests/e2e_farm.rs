@@ -189,6 +189,45 @@ fn farm_builds_across_workers_and_daemons() {
         let _ = docker("unix:///var/run/docker.sock", &["rmi", &t]);
     }
 
+    // Base images are pinned once per build, by a daemon that has them; a worker whose
+    // daemon lacks the pinned image loads it from the store. A tag that moved is a miss.
+    let only = format!("dbuild-pin-only-here:{}", std::process::id());
+    let local = "unix:///var/run/docker.sock";
+    // An image of its own (a label makes its id unique), on the local daemon only.
+    let c = docker(local, &["create", "alpine:latest"]);
+    let c = String::from_utf8(c.stdout).unwrap();
+    let made = docker(
+        local,
+        &["commit", "--change", &format!("LABEL pin={only}"), c.trim(), &only],
+    );
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let _ = docker(local, &["rm", c.trim()]);
+    let pin = write_ctx(&format!(
+        "FROM {only} AS a\nRUN echo a > /a && sleep 2\nFROM {only} AS b\nRUN echo b > /b && sleep 2\nFROM {only}\nCOPY --from=a /a /a\nCOPY --from=b /b /b\n"
+    ));
+    let r = submit(&url, pin.path(), &["--output", "type=none"], &client);
+    assert!(r.ok, "{}", r.stderr);
+    let placed: Vec<String> = (0..2).filter_map(|s| r.placement(s)).collect();
+    assert!(
+        placed.contains(&"w1".into()) && placed.contains(&"w2".into()),
+        "placement {placed:?}"
+    );
+    let id = String::from_utf8(docker(local, &["image", "inspect", "-f", "{{.Id}}", &only]).stdout)
+        .unwrap();
+    assert!(
+        docker(&second.host(), &["image", "inspect", id.trim()]).status.success(),
+        "the second daemon loaded the pinned image {id}"
+    );
+    let again = submit(&url, pin.path(), &["--output", "type=none"], &client);
+    assert!(again.ok, "{}", again.stderr);
+    assert_eq!(again.count("stage_cached"), 3, "{:?}", again.events);
+    assert!(docker(local, &["tag", "golang:1.7.3", &only]).status.success());
+    let moved = submit(&url, pin.path(), &["--output", "type=none"], &client);
+    assert!(moved.ok, "{}", moved.stderr);
+    assert_eq!(moved.count("stage_cached"), 0, "{:?}", moved.events);
+    assert_eq!(moved.count("stage_finished"), 3);
+    let _ = docker(local, &["rmi", &only]);
+
     // A fan-out: stages on both workers at the same time, then a final stage on one of
     // them that needs the others' files (which crossed daemons), owners and modes intact.
     let fan = write_ctx(&format!(

@@ -18,7 +18,7 @@ use crate::task::{
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 pub const LEASE_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub use crate::cache::{Artifact, Export};
+pub use crate::cache::{Artifact, BlobRef, Export};
 use crate::cache::{StageCache, StageRecord};
 
 /// A task handed to a worker: the stage plus what to import first and export after.
@@ -28,7 +28,37 @@ pub struct Assignment {
     pub task: StageTask,
     pub export: Export,
     pub imports: Vec<Artifact>,
+    /// External images the task reads, by pinned id, with their blob where the store has
+    /// one (the worker loads those its daemon lacks).
+    pub base_images: Vec<(String, BlobRef)>,
     pub inputs: BuildInputs,
+}
+
+/// A request to pin image references on a worker's daemon.
+#[derive(Clone, Debug)]
+pub struct ResolveJob {
+    pub task_id: String,
+    pub references: Vec<String>,
+    pub pull: bool,
+    /// Image ids the store holds already (the worker does not upload them again).
+    pub stored_ids: Vec<String>,
+}
+
+/// What goes down a worker's task stream.
+#[derive(Clone)]
+pub enum Job {
+    Stage(Box<Assignment>),
+    Resolve(ResolveJob),
+}
+
+/// A worker's answer for one reference of a [`ResolveJob`].
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    pub reference: String,
+    /// `Err`: why this worker could not resolve it.
+    pub id: Result<String, String>,
+    /// The image's blob, when the worker uploaded it.
+    pub image: Option<BlobRef>,
 }
 
 /// How a worker finished a task.
@@ -54,7 +84,7 @@ struct Worker {
     running: BTreeSet<String>,
     last_seen: Instant,
     /// Where assignments go (the worker's open `Tasks` stream).
-    queue: Option<mpsc::UnboundedSender<Assignment>>,
+    queue: Option<mpsc::UnboundedSender<Job>>,
     /// Stage keys whose images the worker's daemon holds.
     holds: BTreeSet<StageKey>,
 }
@@ -79,6 +109,8 @@ struct State {
     running: BTreeMap<String, Running>,
     /// Per build: what each stage must export.
     exports: BTreeMap<String, BTreeMap<usize, Export>>,
+    /// Resolve jobs awaiting their worker's answer: task id → (worker, reply).
+    resolving: BTreeMap<String, (String, oneshot::Sender<Vec<Resolved>>)>,
     next_task: u64,
 }
 
@@ -134,11 +166,14 @@ impl WorkerPool {
     }
 
     /// Opens the worker's assignment queue (its `Tasks` stream).
-    pub fn attach(&self, worker: &str) -> Option<mpsc::UnboundedReceiver<Assignment>> {
+    pub fn attach(&self, worker: &str) -> Option<mpsc::UnboundedReceiver<Job>> {
         let mut st = self.state.lock().unwrap();
         let w = st.workers.get_mut(worker)?;
         let (tx, rx) = mpsc::unbounded_channel();
         w.queue = Some(tx);
+        // A resolve job sent down the worker's previous stream gets no answer.
+        st.resolving.retain(|_, (name, _)| name != worker);
+        let w = st.workers.get_mut(worker)?;
         w.last_seen = Instant::now();
         drop(st);
         self.changed.notify_waiters();
@@ -263,6 +298,9 @@ impl WorkerPool {
             tracing::warn!(worker = %name, "worker lease expired; its stages will be placed again");
             let w = st.workers.get_mut(name).expect("listed");
             w.queue = None;
+            // Dropping the reply tells pin_images to ask another worker.
+            st.resolving.retain(|_, (worker, _)| worker != name);
+            let w = st.workers.get_mut(name).expect("listed");
             let tasks: Vec<String> = std::mem::take(&mut w.running).into_iter().collect();
             for t in tasks {
                 if let Some(r) = st.running.remove(&t) {
@@ -277,6 +315,136 @@ impl WorkerPool {
             drop(st);
             self.changed.notify_waiters();
         }
+    }
+
+    /// Pins external image references to ids: asks a live worker to resolve them on its
+    /// daemon (and upload each image the store lacks), and asks the next worker for those
+    /// it could not resolve, so a mixed farm resolves what any of its daemons holds. Waits
+    /// for a worker when none is live. The error names each reference and every worker's
+    /// answer.
+    pub async fn pin_images(
+        &self,
+        references: &[String],
+        pull: bool,
+    ) -> Result<BTreeMap<String, String>, String> {
+        let mut remaining: Vec<String> = references.to_vec();
+        let mut pinned = BTreeMap::new();
+        let mut tried: BTreeSet<String> = BTreeSet::new();
+        let mut errors: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        while !remaining.is_empty() {
+            let (worker, queue) = loop {
+                let changed = self.changed.notified();
+                self.expire_leases();
+                let choice = {
+                    let st = self.state.lock().unwrap();
+                    st.workers
+                        .values()
+                        .filter(|w| w.alive() && !tried.contains(&w.name))
+                        .min_by_key(|w| (w.running.len(), w.name.clone()))
+                        .and_then(|w| Some((w.name.clone(), w.queue.clone()?)))
+                };
+                match choice {
+                    Some(c) => break c,
+                    None if !tried.is_empty() => {
+                        let why: Vec<String> = remaining
+                            .iter()
+                            .map(|r| {
+                                let e = errors.get(r).map(|e| e.join("; "));
+                                format!("{r}: {}", e.unwrap_or_else(|| "no answer".into()))
+                            })
+                            .collect();
+                        return Err(format!(
+                            "no worker could resolve the base image: {}",
+                            why.join("; ")
+                        ));
+                    }
+                    None => tokio::select! {
+                        _ = changed => {}
+                        _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
+                    },
+                }
+            };
+            tried.insert(worker.clone());
+            let (tx, rx) = oneshot::channel();
+            let task_id = {
+                let mut st = self.state.lock().unwrap();
+                st.next_task += 1;
+                let id = format!("resolve-{}", st.next_task);
+                st.resolving.insert(id.clone(), (worker.clone(), tx));
+                id
+            };
+            let job = ResolveJob {
+                task_id: task_id.clone(),
+                references: remaining.clone(),
+                pull,
+                stored_ids: self.cache.base_image_ids(),
+            };
+            if queue.send(Job::Resolve(job)).is_err() {
+                self.state.lock().unwrap().resolving.remove(&task_id);
+                continue;
+            }
+            // A lost worker drops the reply (expire_leases); a pull may take long.
+            let mut rx = rx;
+            let answers = loop {
+                tokio::select! {
+                    r = &mut rx => break r.ok(),
+                    _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => self.expire_leases(),
+                }
+            };
+            let Some(answers) = answers else { continue };
+            for a in answers {
+                match a.id {
+                    Ok(id) => {
+                        remaining.retain(|r| *r != a.reference);
+                        pinned.insert(a.reference, id);
+                    }
+                    Err(e) => errors
+                        .entry(a.reference)
+                        .or_default()
+                        .push(format!("worker {worker}: {e}")),
+                }
+            }
+        }
+        Ok(pinned)
+    }
+
+    /// A worker's answer to a resolve job: records the images it uploaded. Refused (false)
+    /// when the job is not, or no longer, that worker's.
+    pub fn report_resolved(&self, worker: &str, task_id: &str, answers: Vec<Resolved>) -> bool {
+        let mut st = self.state.lock().unwrap();
+        match st.resolving.get(task_id) {
+            Some((w, _)) if w == worker => {}
+            _ => return false,
+        }
+        let (_, reply) = st.resolving.remove(task_id).expect("checked");
+        drop(st);
+        for a in &answers {
+            if let (Ok(id), Some(blob)) = (&a.id, &a.image) {
+                if let Err(e) = self.cache.set_base_image(id, blob) {
+                    tracing::error!(error = %e, "could not record a base image blob");
+                }
+            }
+        }
+        let _ = reply.send(answers);
+        true
+    }
+
+    /// The external images a task reads, pinned, with the blobs the store has for them.
+    fn base_images_of(&self, task: &StageTask) -> Vec<(String, BlobRef)> {
+        let mut ids: BTreeSet<&str> = BTreeSet::new();
+        if let TaskBase::Image { id, .. } = &task.base {
+            ids.insert(id);
+        }
+        for ti in &task.instructions {
+            for s in ti.copy_from.iter().chain(ti.mount_from.iter().flatten()) {
+                if let TaskSource::Image { id, .. } = s {
+                    ids.insert(id);
+                }
+            }
+        }
+        ids.into_iter()
+            .filter_map(|id| Some((id.to_string(), self.cache.base_image(id)?)))
+            .collect()
     }
 
     /// The stage keys a task reads from other stages.
@@ -299,7 +467,7 @@ impl WorkerPool {
     fn place(
         &self,
         task: &StageTask,
-    ) -> Option<(String, mpsc::UnboundedSender<Assignment>, Vec<Artifact>)> {
+    ) -> Option<(String, mpsc::UnboundedSender<Job>, Vec<Artifact>)> {
         let inputs = Self::inputs_of(task);
         let held: BTreeMap<StageKey, Vec<Artifact>> =
             inputs.iter().map(|k| (*k, self.artifacts_of(k))).collect();
@@ -416,13 +584,14 @@ impl Executor for WorkerPool {
                 placed_on: Some(worker.clone()),
             });
             if queue
-                .send(Assignment {
+                .send(Job::Stage(Box::new(Assignment {
                     task_id: task_id.clone(),
                     task: task.clone(),
                     export,
                     imports,
+                    base_images: self.base_images_of(&task),
                     inputs: inputs.clone(),
-                })
+                })))
                 .is_err()
             {
                 self.drop_task(&task_id, &worker);

@@ -30,8 +30,9 @@ use proto::v1::cache_service_client::CacheServiceClient;
 use proto::v1::content_service_client::ContentServiceClient;
 use proto::v1::worker_service_client::WorkerServiceClient;
 use proto::v1::{
-    task_report, DownloadBlobRequest, HeartbeatRequest, MissingBlobsRequest, RegisterRequest,
-    TaskAssignment, TaskLog, TaskReport, TasksRequest,
+    task_report, BaseImage, DownloadBlobRequest, HeartbeatRequest, MissingBlobsRequest,
+    RegisterRequest, ResolveImages, ResolvedImage, ResolvedReport, TaskAssignment, TaskLog,
+    TaskReport, TasksRequest,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
@@ -356,8 +357,101 @@ struct TaskCtx {
 }
 
 impl TaskCtx {
+    /// Pins each reference on this worker's daemon; uploads the images the store lacks.
+    async fn resolve(mut self, task_id: String, job: ResolveImages) {
+        let mut images = Vec::with_capacity(job.references.len());
+        for reference in &job.references {
+            let answer = match self.executor.resolve_image(reference, job.pull).await {
+                Err(e) => ResolvedImage {
+                    reference: reference.clone(),
+                    error: e.message,
+                    ..Default::default()
+                },
+                Ok(id) if job.stored_ids.contains(&id) => ResolvedImage {
+                    reference: reference.clone(),
+                    id,
+                    ..Default::default()
+                },
+                Ok(id) => match self.upload_image(&id).await {
+                    Ok(image) => ResolvedImage {
+                        reference: reference.clone(),
+                        id,
+                        image: Some(image),
+                        ..Default::default()
+                    },
+                    Err(e) => ResolvedImage {
+                        reference: reference.clone(),
+                        error: format!("saving image {id} to the store: {e}"),
+                        ..Default::default()
+                    },
+                },
+            };
+            images.push(answer);
+        }
+        let report = ResolvedReport {
+            worker_id: self.worker_id.clone(),
+            task_id,
+            images,
+        };
+        if let Err(e) = self.clients.workers.report_resolved(report).await {
+            tracing::error!(error = %e, "could not report resolved images");
+        }
+    }
+
+    /// `docker save` of an image into the store.
+    async fn upload_image(&mut self, id: &str) -> Result<BaseImage, WorkerError> {
+        let io = |e: std::io::Error| WorkerError::Io(e.to_string());
+        std::fs::create_dir_all(&self.scratch).map_err(io)?;
+        let file = tempfile::NamedTempFile::new_in(&self.scratch).map_err(io)?;
+        let mut f = file.reopen().map_err(io)?;
+        let mut stream = self.docker.export_image(id);
+        while let Some(chunk) = stream.next().await {
+            let c = chunk.map_err(|e| WorkerError::Docker(e.to_string()))?;
+            f.write_all(&c).map_err(io)?;
+        }
+        f.flush().map_err(io)?;
+        let (d, size) = upload_file(&mut self.clients.content, file.path()).await?;
+        Ok(BaseImage {
+            id: id.to_string(),
+            digest: Some(pb_digest(&d)),
+            size,
+        })
+    }
+
+    /// Loads the pinned external images this daemon lacks from the store.
+    async fn load_base_images(&mut self, images: &[BaseImage]) -> Result<(), StageError> {
+        for img in images {
+            if self.has_image(&img.id).await {
+                continue;
+            }
+            let digest = img
+                .digest
+                .as_ref()
+                .map(|d| d.hex.clone())
+                .unwrap_or_default();
+            let bytes = self.fetch_blob(&digest).await?;
+            let opts = ImportImageOptionsBuilder::default().quiet(true).build();
+            let mut s = self
+                .docker
+                .import_image(opts, bollard::body_full(bytes.into()), None);
+            while let Some(r) = s.next().await {
+                r.map_err(|e| StageError::new(format!("docker load of image {}: {e}", img.id)))?;
+            }
+            if !self.has_image(&img.id).await {
+                return Err(StageError::new(format!(
+                    "the store's copy of image {} loaded as another image",
+                    img.id
+                )));
+            }
+        }
+        Ok(())
+    }
+
     async fn handle(mut self, a: TaskAssignment, cancel: CancellationToken) {
         let task_id = a.task_id.clone();
+        if let Some(job) = a.resolve {
+            return self.resolve(task_id, job).await;
+        }
         let (log_tx, mut log_rx) = tokio::sync::mpsc::unbounded_channel::<StageLog>();
         let (line_tx, line_rx) = tokio::sync::mpsc::channel::<TaskLog>(256);
         let mut log_client = self.clients.workers.clone();
@@ -421,12 +515,19 @@ impl TaskCtx {
         let manifest: ContextManifest =
             from_document("ContextManifest/1", a.manifest.as_ref()).map_err(rpc)?;
         let moved_in = Instant::now();
+        self.load_base_images(&a.base_images).await?;
         self.import(&mut task, a).await?;
-        for d in needed_context_blobs(&task, &manifest) {
-            download_to(&mut self.clients.content, &self.blobs, &d)
-                .await
-                .map_err(wrk)?;
+        // Many small files: one round trip each, so several at once.
+        let (content, blobs) = (self.clients.content.clone(), self.blobs.clone());
+        let fetches = needed_context_blobs(&task, &manifest).into_iter().map(|d| {
+            let (mut content, blobs) = (content.clone(), blobs.clone());
+            async move { download_to(&mut content, &blobs, &d).await }
+        });
+        let mut fetches = futures::stream::iter(fetches).buffer_unordered(16);
+        while let Some(r) = fetches.next().await {
+            r.map_err(wrk)?;
         }
+        drop(fetches);
         let _ = logs.send(StageLog {
             stage: task.stage,
             line: format!("inputs ready in {:.1}s", moved_in.elapsed().as_secs_f64()),

@@ -20,9 +20,9 @@ use super::workers::from_document;
 use crate::context::{ContextManifest, EntryKind};
 use crate::frontend::parser;
 use crate::frontend::plan::{plan, PlanOptions, Platform};
-use crate::keys::{compute_keys, Unresolved};
+use crate::keys::compute_keys;
 use crate::pool::{exports, WorkerPool};
-use crate::scheduler::{BuildRequest, PinnedImages, Scheduler};
+use crate::scheduler::{external_images, BuildRequest, PinnedImages, Scheduler};
 use crate::store::BlobStore;
 use crate::task::{BlobContext, BuildInputs};
 
@@ -98,8 +98,20 @@ impl BuildService for BuildServer {
             })
         })?;
         let manifest: ContextManifest = from_document("ContextManifest/1", r.manifest.as_ref())?;
+        // Base images are pinned once per build, by a worker's daemon: the ids enter the
+        // keys (a tag that moved is a miss) and every worker builds from them.
+        let references: Vec<String> = external_images(&plan)
+            .into_iter()
+            .filter(|r| !r.eq_ignore_ascii_case("scratch"))
+            .collect();
+        let pinned = PinnedImages(
+            self.pool
+                .pin_images(&references, r.pull)
+                .await
+                .map_err(Status::failed_precondition)?,
+        );
         // Keys are derived here from content the store can verify; never from the client.
-        let keys = compute_keys(&plan, &manifest, &Unresolved);
+        let keys = compute_keys(&plan, &manifest, &pinned);
         let missing: Vec<&str> = keys
             .iter()
             .filter(|k| plan.built[k.index])
@@ -145,7 +157,7 @@ impl BuildService for BuildServer {
             build_id: build_id.clone(),
             plan,
             keys: Arc::new(keys),
-            pinned: PinnedImages::default(),
+            pinned,
             no_cache: r.no_cache,
             no_cache_stages,
         };

@@ -6,16 +6,19 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use proto::v1::worker_service_server::WorkerService;
 use proto::v1::{
-    task_report, ArtifactBlob, Document, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
-    RegisterResponse, StreamLogsResponse, TaskAssignment, TaskLog, TaskReport, TaskReportResponse,
-    TasksRequest,
+    task_report, ArtifactBlob, BaseImage, Document, HeartbeatRequest, HeartbeatResponse,
+    RegisterRequest, RegisterResponse, ResolveImages, ResolvedReport, ResolvedReportResponse,
+    StreamLogsResponse, TaskAssignment, TaskLog, TaskReport, TaskReportResponse, TasksRequest,
 };
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::content::{parse_digest, pb_digest};
 use crate::keys::StageKey;
-use crate::pool::{Artifact, Assignment, Report, WorkerPool, HEARTBEAT_INTERVAL, LEASE_TIMEOUT};
+use crate::cache::BlobRef;
+use crate::pool::{
+    Artifact, Job, Report, Resolved, WorkerPool, HEARTBEAT_INTERVAL, LEASE_TIMEOUT,
+};
 use crate::task::{StageError, StageResult};
 
 pub struct WorkerServer {
@@ -71,8 +74,36 @@ pub fn artifact(a: &ArtifactBlob) -> Result<Artifact, Status> {
     })
 }
 
-fn assignment_message(a: Assignment) -> TaskAssignment {
+pub fn pb_base_image(id: &str, b: &BlobRef) -> BaseImage {
+    BaseImage {
+        id: id.to_string(),
+        digest: crate::digest::BlobDigest::from_hex(&b.digest).map(|d| pb_digest(&d)),
+        size: b.size,
+    }
+}
+
+fn assignment_message(job: Job) -> TaskAssignment {
+    let a = match job {
+        Job::Stage(a) => *a,
+        Job::Resolve(r) => {
+            return TaskAssignment {
+                task_id: r.task_id,
+                resolve: Some(ResolveImages {
+                    references: r.references,
+                    pull: r.pull,
+                    stored_ids: r.stored_ids,
+                }),
+                ..Default::default()
+            }
+        }
+    };
     TaskAssignment {
+        resolve: None,
+        base_images: a
+            .base_images
+            .iter()
+            .map(|(id, b)| pb_base_image(id, b))
+            .collect(),
         task_id: a.task_id,
         task: Some(document("StageTask/1", &a.task)),
         export_image: a.export.image,
@@ -181,5 +212,33 @@ impl WorkerService for WorkerServer {
             .pool
             .report(&r.worker_id, &r.task_id, Report { outcome, artifacts });
         Ok(Response::new(TaskReportResponse { accepted }))
+    }
+
+    async fn report_resolved(
+        &self,
+        req: Request<ResolvedReport>,
+    ) -> Result<Response<ResolvedReportResponse>, Status> {
+        let r = req.into_inner();
+        let mut answers = Vec::with_capacity(r.images.len());
+        for i in r.images {
+            let image = match &i.image {
+                Some(b) => Some(BlobRef {
+                    digest: parse_digest(b.digest.as_ref())?.to_hex(),
+                    size: b.size,
+                }),
+                None => None,
+            };
+            answers.push(Resolved {
+                reference: i.reference,
+                id: if i.id.is_empty() {
+                    Err(i.error)
+                } else {
+                    Ok(i.id)
+                },
+                image,
+            });
+        }
+        let accepted = self.pool.report_resolved(&r.worker_id, &r.task_id, answers);
+        Ok(Response::new(ResolvedReportResponse { accepted }))
     }
 }
