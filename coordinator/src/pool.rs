@@ -484,9 +484,11 @@ impl WorkerPool {
                     std::cmp::Reverse(w.name.clone()),
                 )
             })?;
+        // Every input's artifacts, even those the worker should hold: its daemon may have
+        // dropped the image since (its image cap, an operator's prune); it imports only
+        // what it lacks.
         let imports = inputs
             .iter()
-            .filter(|k| !best.holds.contains(k))
             .flat_map(|k| held.get(k).cloned().unwrap_or_default())
             .collect();
         Some((best.name.clone(), best.queue.clone()?, imports))

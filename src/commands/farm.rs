@@ -56,6 +56,10 @@ pub struct WorkerArgs {
     pub docker_host: Option<String>,
     #[arg(long, env = "DBUILD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Most bytes of stage images to keep on the daemon (e.g. 20GB); least recently used
+    /// go first. `0` keeps everything.
+    #[arg(long, value_name = "SIZE", default_value = "20GB")]
+    pub image_cap: String,
 }
 
 #[derive(clap::Args)]
@@ -77,13 +81,24 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// Cancelled on Ctrl-C or SIGTERM (what systemd, Docker and Kubernetes send to stop).
 fn ctrl_c_token() -> CancellationToken {
     let t = CancellationToken::new();
     let c = t.clone();
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            c.cancel();
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
         }
+        c.cancel();
     });
     t
 }
@@ -126,7 +141,10 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         let address = std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "localhost".into());
+        let image_cap = coordinator::cache::parse_size(&args.image_cap)
+            .map_err(|e| anyhow::anyhow!("--image-cap: {e}"))?;
         let cfg = WorkerConfig {
+            image_cap: (image_cap > 0).then_some(image_cap),
             coordinator: args.coordinator,
             name: args.name,
             slots: args.slots.max(1),

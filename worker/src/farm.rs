@@ -51,6 +51,8 @@ pub struct WorkerConfig {
     pub token: Option<String>,
     /// How the worker describes itself in `dbuild workers` (host name by default).
     pub address: String,
+    /// Most bytes of dbuild images kept on the daemon (`None`: no cap).
+    pub image_cap: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -243,6 +245,12 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
         .into_inner();
     tracing::info!(worker = %cfg.name, coordinator = %cfg.coordinator, "registered");
     let running: Arc<Mutex<BTreeMap<String, CancellationToken>>> = Arc::default();
+    let cap = cfg
+        .image_cap
+        .map(|c| Arc::new(crate::image_cap::ImageCap::new(docker.clone(), c)));
+    if let Some(cap) = &cap {
+        enforce_cap(Arc::clone(cap));
+    }
 
     // Heartbeats renew the lease and carry cancels back.
     let hb_running = Arc::clone(&running);
@@ -308,12 +316,58 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
             scratch: cfg.data_dir.join("tmp"),
         };
         let running = Arc::clone(&running);
+        let cap = cap.clone();
         tokio::spawn(async move {
             let id = assignment.task_id.clone();
+            let tags = used_tags(&assignment);
+            if let Some(c) = &cap {
+                c.touch(tags.iter().cloned());
+            }
             ctx.handle(assignment, token).await;
             running.lock().unwrap().remove(&id);
+            if let Some(c) = cap {
+                c.touch(tags);
+                enforce_cap(c);
+            }
         });
     }
+}
+
+/// The tags of the images a task reads and writes (its stage, its instructions, the
+/// stages it reads), for the image cap's least-recently-used order.
+fn used_tags(a: &TaskAssignment) -> Vec<String> {
+    let Ok(task) = from_document::<StageTask>("StageTask/1", a.task.as_ref()) else {
+        return Vec::new();
+    };
+    let mut tags = vec![stage_image_tag(&task.key)];
+    tags.extend(
+        task.instructions
+            .iter()
+            .map(|t| coordinator::task::instruction_image_tag(&t.key)),
+    );
+    for art in a.imports.iter().filter_map(|i| artifact(i).ok()) {
+        tags.push(stage_image_tag(&art.stage_key));
+        tags.push(format!("dbuild-paths:{}", art.stage_key.to_hex()));
+    }
+    if let TaskBase::Stage { key, .. } = &task.base {
+        tags.push(stage_image_tag(key));
+    }
+    tags
+}
+
+/// Evicts least recently used images over the cap, in the background.
+fn enforce_cap(cap: Arc<crate::image_cap::ImageCap>) {
+    tokio::spawn(async move {
+        match cap.enforce().await {
+            Ok(r) if r.images_removed > 0 => tracing::info!(
+                removed = r.images_removed,
+                freed = r.bytes_freed,
+                "image cap: evicted the least recently used stage images"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "image cap not enforced"),
+        }
+    });
 }
 
 /// Connects to the worker's daemon at a version it speaks.

@@ -6,3 +6,4 @@ pub mod executor;
 
 pub use executor::DockerExecutor;
 pub mod farm;
+pub mod image_cap;

@@ -1,0 +1,187 @@
+//! A size cap on the images dbuild keeps on a worker's daemon (`dbuild-stage:*`,
+//! `dbuild-cache:*`, `dbuild-paths:*`): least recently used first, never one used in the
+//! last [`RECENT`] (a running stage's inputs, or outputs its consumers are about to read).
+//! An evicted stage image is only a local loss: the pool sends every input's artifacts
+//! with each task, and the worker imports what its daemon lacks.
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use bollard::query_parameters::{ListImagesOptionsBuilder, RemoveImageOptionsBuilder};
+use bollard::Docker;
+
+/// Images used this recently are never evicted.
+pub const RECENT: Duration = Duration::from_secs(600);
+
+const OURS: [&str; 3] = ["dbuild-stage:", "dbuild-cache:", "dbuild-paths:"];
+
+/// What one enforcement did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CapReport {
+    /// Bytes of dbuild's images before: what each adds over the longest image it extends
+    /// (its base image, or the previous instruction's image).
+    pub bytes_before: u64,
+    pub images_removed: usize,
+    pub bytes_freed: u64,
+}
+
+pub struct ImageCap {
+    docker: Docker,
+    cap: u64,
+    /// Tag → last use, for the tags this process has used (others count by creation).
+    used: Mutex<HashMap<String, SystemTime>>,
+    /// Image id → layer diff ids.
+    layers: Mutex<HashMap<String, Vec<String>>>,
+    running: AtomicBool,
+    /// Tag prefixes of the images it manages.
+    prefixes: Vec<String>,
+    recent: Duration,
+}
+
+impl ImageCap {
+    pub fn new(docker: Docker, cap: u64) -> Self {
+        ImageCap {
+            docker,
+            cap,
+            used: Mutex::default(),
+            layers: Mutex::default(),
+            running: AtomicBool::new(false),
+            prefixes: OURS.iter().map(|p| p.to_string()).collect(),
+            recent: RECENT,
+        }
+    }
+
+    /// Manages the images tagged with these prefixes instead of dbuild's, and protects
+    /// those used within `recent` (tests use both to stay off the daemon's real cache).
+    pub fn scoped(mut self, prefixes: &[&str], recent: Duration) -> Self {
+        self.prefixes = prefixes.iter().map(|p| p.to_string()).collect();
+        self.recent = recent;
+        self
+    }
+
+    /// Marks tags as used now.
+    pub fn touch(&self, tags: impl IntoIterator<Item = String>) {
+        let now = SystemTime::now();
+        let mut used = self.used.lock().unwrap();
+        for t in tags {
+            used.insert(t, now);
+        }
+    }
+
+    /// Removes dbuild's least recently used images until they fit the cap. Runs once at a
+    /// time (a call while one runs returns at once, with nothing done).
+    pub async fn enforce(&self) -> Result<CapReport, String> {
+        if self.running.swap(true, Ordering::SeqCst) {
+            return Ok(CapReport::default());
+        }
+        let r = self.enforce_now().await;
+        self.running.store(false, Ordering::SeqCst);
+        r
+    }
+
+    async fn enforce_now(&self) -> Result<CapReport, String> {
+        let images = self
+            .docker
+            .list_images(Some(ListImagesOptionsBuilder::default().all(false).build()))
+            .await
+            .map_err(|e| format!("listing images: {e}"))?;
+        // Layer lists (immutable per image id) of every image, to find what each of ours
+        // adds over the longest image it extends (its base or the previous instruction).
+        let mut by_prefix: HashMap<Vec<String>, u64> = HashMap::new();
+        let mut layers_of: HashMap<String, Vec<String>> = HashMap::new();
+        for i in &images {
+            let layers = self.layers(&i.id).await;
+            by_prefix.insert(layers.clone(), i.size.max(0) as u64);
+            layers_of.insert(i.id.clone(), layers);
+        }
+        let now = SystemTime::now();
+        let used = self.used.lock().unwrap().clone();
+        // (last use, own bytes, layers, tags) of each image carrying only dbuild's tags.
+        let mut ours: Vec<(SystemTime, u64, Vec<String>, Vec<String>)> = images
+            .into_iter()
+            .filter(|i| {
+                !i.repo_tags.is_empty()
+                    && i.repo_tags
+                        .iter()
+                        .all(|t| self.prefixes.iter().any(|p| t.starts_with(p.as_str())))
+            })
+            .map(|i| {
+                let created =
+                    SystemTime::UNIX_EPOCH + Duration::from_secs(i.created.max(0) as u64);
+                let last = i
+                    .repo_tags
+                    .iter()
+                    .filter_map(|t| used.get(t).copied())
+                    .max()
+                    .unwrap_or(created);
+                let layers = layers_of.remove(&i.id).unwrap_or_default();
+                let size = i.size.max(0) as u64;
+                let below = (0..layers.len())
+                    .rev()
+                    .find_map(|n| by_prefix.get(&layers[..n]))
+                    .copied()
+                    .unwrap_or(0);
+                (last, size.saturating_sub(below), layers, i.repo_tags)
+            })
+            .collect();
+        let mut report = CapReport {
+            bytes_before: ours.iter().map(|(_, b, _, _)| b).sum(),
+            ..Default::default()
+        };
+        let mut total = report.bytes_before;
+        ours.sort_by_key(|(last, _, _, _)| *last);
+        let extends = |a: &[String], b: &[String]| b.len() > a.len() && b.starts_with(a);
+        for k in 0..ours.len() {
+            if total <= self.cap {
+                break;
+            }
+            let (last, own, layers, tags) = &ours[k];
+            if now.duration_since(*last).unwrap_or_default() < self.recent {
+                continue;
+            }
+            let mut removed = true;
+            for t in tags {
+                // Without force: an image a container still uses stays.
+                let opts = RemoveImageOptionsBuilder::default().build();
+                if self.docker.remove_image(t, Some(opts), None).await.is_err() {
+                    removed = false;
+                }
+            }
+            if !removed {
+                continue;
+            }
+            report.images_removed += 1;
+            let mut used = self.used.lock().unwrap();
+            for t in tags {
+                used.remove(t);
+            }
+            // Its top layer stays while a later image of the chain extends it.
+            if !ours[k + 1..].iter().any(|(_, _, l, _)| extends(layers, l)) {
+                total = total.saturating_sub(*own);
+                report.bytes_freed += own;
+            }
+        }
+        Ok(report)
+    }
+
+    /// The image's layer diff ids (cached: an image id never changes its layers).
+    async fn layers(&self, id: &str) -> Vec<String> {
+        if let Some(l) = self.layers.lock().unwrap().get(id) {
+            return l.clone();
+        }
+        let l = self
+            .docker
+            .inspect_image(id)
+            .await
+            .ok()
+            .and_then(|i| i.root_fs)
+            .and_then(|r| r.layers)
+            .unwrap_or_default();
+        self.layers
+            .lock()
+            .unwrap()
+            .insert(id.to_string(), l.clone());
+        l
+    }
+}

@@ -1,0 +1,93 @@
+//! The worker's image cap on a real daemon: the least recently used images go first, until
+//! what they add fits the cap. Scoped to this test's own tag prefix, so the daemon's real
+//! dbuild images (other tests') are never touched.
+use std::time::Duration;
+
+use worker::image_cap::ImageCap;
+
+mod common;
+
+/// A one-layer image of `kib` KiB of random bytes, tagged `tag`.
+fn image(tag: &str, kib: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let bytes: Vec<u8> = (0..kib * 1024)
+        .map(|i| (i as u32).wrapping_mul(2654435761).rotate_left(7) as u8)
+        .collect();
+    std::fs::write(root.join(tag.replace([':', '/'], "_")), bytes).unwrap();
+    let tar = dir.path().join("layer.tar");
+    let ok = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    common::docker(&["import", tar.to_str().unwrap(), tag]).unwrap();
+}
+
+fn exists(tag: &str) -> bool {
+    common::docker(&["image", "inspect", tag]).is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn least_recently_used_images_go_first_until_they_fit() {
+    let prefix = format!("dbuild-captest-{}", std::process::id());
+    let tags: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|n| format!("{prefix}:{n}"))
+        .collect();
+    for t in &tags {
+        image(t, 1024);
+    }
+    let docker = bollard::Docker::connect_with_local_defaults()
+        .unwrap()
+        .negotiate_version()
+        .await
+        .unwrap();
+    let scoped = format!("{prefix}:");
+    let cap = ImageCap::new(docker.clone(), 2_500_000).scoped(&[&scoped], Duration::ZERO);
+    // Used in the order a, b, c: a is the least recently used.
+    for t in &tags {
+        cap.touch([t.clone()]);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let r = cap.enforce().await.unwrap();
+    assert!(
+        (3_000_000..3_400_000).contains(&r.bytes_before),
+        "{r:?}"
+    );
+    assert_eq!(r.images_removed, 1, "{r:?}");
+    assert!(!exists(&tags[0]));
+    assert!(exists(&tags[1]) && exists(&tags[2]));
+
+    // c used, then b: under a tighter cap c is the least recently used.
+    let tight = ImageCap::new(docker, 1_500_000).scoped(&[&scoped], Duration::ZERO);
+    tight.touch([tags[2].clone()]);
+    std::thread::sleep(Duration::from_millis(5));
+    tight.touch([tags[1].clone()]);
+    let r = tight.enforce().await.unwrap();
+    assert_eq!(r.images_removed, 1, "{r:?}");
+    assert!(!exists(&tags[2]), "c was the least recently used");
+    assert!(exists(&tags[1]));
+
+    // Recently used images are never evicted, whatever the cap.
+    let guarded = ImageCap::new(
+        bollard::Docker::connect_with_local_defaults()
+            .unwrap()
+            .negotiate_version()
+            .await
+            .unwrap(),
+        0,
+    )
+    .scoped(&[&scoped], Duration::from_secs(600));
+    guarded.touch([tags[1].clone()]);
+    let r = guarded.enforce().await.unwrap();
+    assert_eq!(r.images_removed, 0);
+    assert!(exists(&tags[1]));
+    let _ = common::docker(&["rmi", &tags[1]]);
+}
