@@ -2,11 +2,21 @@
 //! recorded build of the same stage (same Dockerfile, same stage name), named plainly —
 //! "file app.go changed", "build arg VERSION 1 → 2", "depends on stage builder, which
 //! changed". Every key lists the inputs it was hashed over, so the answer is exact.
-use std::collections::BTreeMap;
+//!
+//! [`explain`] walks the stages a build needs as the scheduler would (re-keying each on
+//! the contents of the stages it copies from) and asks a [`StageLookup`] whether each key
+//! is served: the daemon's images for the embedded build, the stage cache on a farm
+//! ([`CacheLookup`]).
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::keys::{ChainLink, KeyInput, StageKeys};
+use crate::cache::{Export, StageCache};
+use crate::context::ContextManifest;
+use crate::frontend::plan::{Plan, StageRef};
+use crate::keys::{
+    content_paths, rekey_stage, BaseResolver, ChainLink, KeyInput, StageKey, StageKeys,
+};
 use crate::store::{Store, StoreError, Tree};
 
 /// Where a stage's history lives: the Dockerfile (canonical path) and the stage's name
@@ -35,6 +45,222 @@ pub fn latest(
     Ok(store
         .get(Tree::History, &history_key(dockerfile_id, stage))?
         .and_then(|v| serde_json::from_slice(&v).ok()))
+}
+
+/// Why each stage the target needs differs from its last recorded build (an empty list:
+/// same key as last time). `keys` are the static keys (as [`remember`] records them).
+pub fn why_rebuilt(
+    store: &dyn Store,
+    dockerfile_id: &str,
+    plan: &Plan,
+    keys: &[StageKeys],
+) -> BTreeMap<usize, Vec<String>> {
+    plan.stages
+        .iter()
+        .filter(|s| plan.built[s.index])
+        .map(|s| {
+            let why = match latest(store, dockerfile_id, &s.display_name()) {
+                Ok(Some(h)) => reasons(&h, &keys[s.index]),
+                Ok(None) => vec![NO_HISTORY.into()],
+                Err(e) => vec![format!("history unreadable: {e}")],
+            };
+            (s.index, why)
+        })
+        .collect()
+}
+
+/// The reason given for a stage no build of which is recorded.
+pub const NO_HISTORY: &str = "no earlier build of this stage is recorded";
+
+/// Records the static keys of `stages` (those a build made or found cached) as the most
+/// recent build of each. History only adds explanations: a failed write is a warning.
+pub fn remember(
+    store: &dyn Store,
+    dockerfile_id: &str,
+    plan: &Plan,
+    keys: &[StageKeys],
+    stages: impl Iterator<Item = usize>,
+) {
+    let now = crate::cache::now_ms();
+    for i in stages {
+        let h = StageHistory::of(&keys[i], now);
+        if let Err(e) = record(store, dockerfile_id, &plan.stages[i].display_name(), &h) {
+            tracing::warn!(error = %e, "could not record build history");
+        }
+    }
+    if let Err(e) = store.flush() {
+        tracing::warn!(error = %e, "could not flush build history");
+    }
+}
+
+/// `Explanation/1`: for every stage the target needs, in build order, whether it would be
+/// served from the cache, and for a miss why.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Explanation {
+    pub stages: Vec<StageExplanation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageExplanation {
+    pub index: usize,
+    /// The stage's name (`stage-N` when it has none).
+    pub name: String,
+    pub hit: bool,
+    /// The stage key as the build would look it up (hex).
+    pub key: String,
+    /// For a miss: what differs from the last recorded build of the stage.
+    pub reasons: Vec<String>,
+    /// For a miss: missed stages this one only copies files from. If they make the same
+    /// files again, this stage's key (on their content) may be one already built.
+    pub copies_from_missed: Vec<String>,
+}
+
+impl Explanation {
+    /// The lines `dbuild explain` prints.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for s in &self.stages {
+            let label = format!("#{} {}", s.index, s.name);
+            let short = &s.key[..12.min(s.key.len())];
+            if s.hit {
+                out.push(format!("{label}: hit ({short})"));
+                continue;
+            }
+            if s.copies_from_missed.is_empty() {
+                out.push(format!("{label}: miss ({short})"));
+            } else {
+                out.push(format!(
+                    "{label}: miss ({short}), unless stage {} rebuilds the files copied from it unchanged",
+                    s.copies_from_missed.join(", ")
+                ));
+            }
+            out.extend(s.reasons.iter().map(|r| format!("  - {r}")));
+        }
+        out
+    }
+}
+
+/// What a lookup of one stage key found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// A result the build would reuse, with the content digests it knows of the paths its
+    /// consumers read (a path left out: its consumers are keyed on the stage's key).
+    Hit(BTreeMap<String, String>),
+    Miss,
+    /// A result for the key that cannot serve this build, and why.
+    Unusable(String),
+}
+
+/// Whether a stage key is served where the build would run.
+#[async_trait::async_trait]
+pub trait StageLookup: Send + Sync {
+    /// Looks up stage `stage` under `key`; `paths` are the paths its consumers read with
+    /// `COPY --from` (their content digests key those consumers).
+    async fn lookup(&self, stage: usize, key: &StageKey, paths: &[String]) -> Lookup;
+}
+
+/// A farm's lookup: a hit is a stage record whose blobs cover what this build's
+/// consumers need ([`crate::pool::exports`]), exactly as the scheduler looks it up on
+/// the worker pool. Nothing is counted as a hit.
+pub struct CacheLookup<'a> {
+    pub cache: &'a StageCache,
+    pub exports: BTreeMap<usize, Export>,
+}
+
+#[async_trait::async_trait]
+impl StageLookup for CacheLookup<'_> {
+    async fn lookup(&self, stage: usize, key: &StageKey, _paths: &[String]) -> Lookup {
+        let need = self.exports.get(&stage).cloned().unwrap_or_default();
+        match self.cache.find(key, &need) {
+            Ok(Some(r)) => return Lookup::Hit(r.contents),
+            Ok(None) => {}
+            Err(e) => return Lookup::Unusable(format!("the stage cache is unreadable: {e}")),
+        }
+        match self.cache.get(key) {
+            Ok(Some(r)) if !r.image_id.is_empty() => {
+                let mut lacks = Vec::new();
+                if need.image && r.image.is_none() {
+                    lacks.push("the image".to_string());
+                }
+                lacks.extend(
+                    need.paths
+                        .iter()
+                        .filter(|p| !r.paths.contains_key(*p))
+                        .cloned(),
+                );
+                Lookup::Unusable(format!(
+                    "its cached result lacks what this build needs from it: {}",
+                    lacks.join(", ")
+                ))
+            }
+            _ => Lookup::Miss,
+        }
+    }
+}
+
+/// Explains a build: every stage the target needs, in order, re-keyed as the scheduler
+/// re-keys it (on the contents hits report for the paths read from them), looked up
+/// with `lookup`; a miss is explained against the history of `dockerfile_id` in `history`
+/// by its static key (`keys`, as computed before the build, which is what is recorded).
+#[allow(clippy::too_many_arguments)]
+pub async fn explain(
+    plan: &Plan,
+    manifest: &ContextManifest,
+    resolver: &(dyn BaseResolver + Sync),
+    keys: &[StageKeys],
+    history: &dyn Store,
+    dockerfile_id: &str,
+    lookup: &dyn StageLookup,
+) -> Explanation {
+    let why = why_rebuilt(history, dockerfile_id, plan, keys);
+    let paths = content_paths(plan);
+    let mut keys = keys.to_vec();
+    let mut contents: BTreeMap<usize, BTreeMap<String, String>> = BTreeMap::new();
+    let mut missed: BTreeSet<usize> = BTreeSet::new();
+    let mut out = Explanation::default();
+    for s in plan.stages.iter().filter(|s| plan.built[s.index]) {
+        let i = s.index;
+        keys[i] = rekey_stage(plan, i, &keys, manifest, resolver, &contents);
+        let key = keys[i].key;
+        let want: Vec<String> = paths.get(&i).into_iter().flatten().cloned().collect();
+        let mut reasons = Vec::new();
+        match lookup.lookup(i, &key, &want).await {
+            Lookup::Hit(have) => {
+                contents.insert(i, have);
+                out.stages.push(StageExplanation {
+                    index: i,
+                    name: s.display_name(),
+                    hit: true,
+                    key: key.to_hex(),
+                    reasons,
+                    copies_from_missed: Vec::new(),
+                });
+                continue;
+            }
+            Lookup::Miss => {}
+            Lookup::Unusable(why) => reasons.push(why),
+        }
+        missed.insert(i);
+        // Stages this one only copies from, which will be rebuilt: if they make the same
+        // files again, this stage's key (on their content) is one already built.
+        let copies_from_missed = s
+            .depends_on
+            .iter()
+            .filter(|d| missed.contains(d) && s.base != StageRef::Stage(**d))
+            .filter(|d| paths.contains_key(d))
+            .map(|d| plan.stages[*d].display_name())
+            .collect();
+        reasons.extend(why.get(&i).cloned().unwrap_or_default());
+        out.stages.push(StageExplanation {
+            index: i,
+            name: s.display_name(),
+            hit: false,
+            key: key.to_hex(),
+            reasons,
+            copies_from_missed,
+        });
+    }
+    out
 }
 
 /// What a recorded build of a stage left in the index for later explanations.

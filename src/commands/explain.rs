@@ -1,19 +1,21 @@
 //! `dbuild explain`: for every stage the target needs, hit or miss, and for a miss what
-//! differs from the most recent build of the same stage of the same Dockerfile.
+//! differs from the most recent build of the same stage of the same Dockerfile. Embedded
+//! (the local daemon's images and `<data-dir>/index`), or with `--coordinator` the farm's
+//! stage cache and history (the coordinator plans, pins and keys; nothing is uploaded).
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::Arc;
 
-use std::collections::{BTreeMap, BTreeSet};
-
 use anyhow::Context;
 use coordinator::cache::StageCache;
-use coordinator::frontend::plan::StageRef;
-use coordinator::keys::{content_paths, rekey_stage};
+use coordinator::explain::{explain as explain_build, Explanation, Lookup, StageLookup};
+use coordinator::keys::StageKey;
 use coordinator::store::Store;
 use coordinator::task::Executor;
 
-use super::history::{dockerfile_id, open_index, why_rebuilt};
+use super::history::{dockerfile_id, open_index};
 use super::spec::{data_dir, BuildSpec};
+use crate::output::Output;
 
 #[derive(clap::Args)]
 pub struct ExplainArgs {
@@ -22,6 +24,16 @@ pub struct ExplainArgs {
     /// Docker daemon that pins the base images (as submit does).
     #[arg(long, env = "DOCKER_HOST")]
     pub docker_host: Option<String>,
+    /// Explain against a farm: the coordinator's URL (its stage cache and build history;
+    /// a worker pins the base images). Without it, the embedded build's.
+    #[arg(long, env = "DBUILD_COORDINATOR")]
+    pub coordinator: Option<String>,
+    #[arg(long, env = "DBUILD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The output the build would have (as submit's --output): on a farm the target is a
+    /// hit only when its cached result holds what that output needs.
+    #[arg(short = 'o', long = "output", default_value = "type=docker")]
+    pub output: String,
 }
 
 pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
@@ -33,74 +45,84 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
 }
 
 async fn explain(args: ExplainArgs) -> anyhow::Result<()> {
+    let output = Output::parse(&args.output)?;
     let analysis = tokio::task::block_in_place(|| args.spec.analyze())?;
+    let explanation = match &args.coordinator {
+        Some(url) => {
+            super::remote::explain(
+                url,
+                args.token.clone(),
+                &args.spec,
+                &analysis,
+                output != Output::None,
+            )
+            .await?
+        }
+        None => embedded(&args, &analysis).await?,
+    };
+    let mut out = std::io::stdout().lock();
+    for line in explanation.lines() {
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
+}
+
+/// Against the local daemon and `<data-dir>/index`, keyed as `submit` keys.
+async fn embedded(
+    args: &ExplainArgs,
+    analysis: &coordinator::analysis::Analysis,
+) -> anyhow::Result<Explanation> {
     let executor: Arc<dyn Executor> = Arc::new(
         worker::DockerExecutor::connect(args.docker_host.as_deref(), "local")
             .await
             .context("connecting to the Docker daemon (explain pins base images as submit does)")?,
     );
-    let (pinned, keys) = super::submit::pin_and_key(&*executor, &analysis, false).await?;
+    let (pinned, keys) = super::submit::pin_and_key(&*executor, analysis, false).await?;
     let index = open_index(&data_dir(args.spec.data_dir.clone()))
         .context("the build history (<data-dir>/index) is unavailable")?;
     let cache = StageCache::new(Arc::clone(&index) as Arc<dyn Store>, None)
         .context("opening the stage cache")?;
-    let id = dockerfile_id(&args.spec.dockerfile());
-    let why = why_rebuilt(&index, &id, &analysis.plan, &keys);
-    let plan = &analysis.plan;
-    let paths = content_paths(plan);
-    // Keyed as submit keys them: a stage that copies from a cached stage is keyed on the
-    // content it copies, which the cache record (or the image) tells.
-    let mut keys = keys;
-    let mut contents: BTreeMap<usize, BTreeMap<String, String>> = BTreeMap::new();
-    let mut missed: BTreeSet<usize> = BTreeSet::new();
-    let mut out = std::io::stdout().lock();
-    for s in plan.stages.iter().filter(|s| plan.built[s.index]) {
-        let i = s.index;
-        keys[i] = rekey_stage(plan, i, &keys, &analysis.manifest, &pinned, &contents);
-        let key = keys[i].key;
-        let label = format!("#{i} {}", s.display_name());
-        if let Some(image) = executor.stage_image(&key).await {
-            writeln!(out, "{label}: hit ({})", &key.to_hex()[..12])?;
-            let want: Vec<String> = paths.get(&i).into_iter().flatten().cloned().collect();
-            let mut have = cache
-                .get(&key)
-                .ok()
-                .flatten()
-                .map(|r| r.contents)
-                .unwrap_or_default();
-            let lacking: Vec<String> = want
-                .into_iter()
-                .filter(|p| !have.contains_key(p))
-                .collect();
-            if !lacking.is_empty() {
-                have.extend(executor.contents(&image, &lacking).await);
-            }
-            contents.insert(i, have);
-            continue;
-        }
-        missed.insert(i);
-        // Stages this one only copies from, which will be rebuilt: if they make the same
-        // files again, this stage's key (on their content) is one already built.
-        let pending: Vec<String> = s
-            .depends_on
+    let lookup = DaemonLookup { executor, cache };
+    Ok(explain_build(
+        &analysis.plan,
+        &analysis.manifest,
+        &pinned,
+        &keys,
+        &*index,
+        &dockerfile_id(&args.spec.dockerfile()),
+        &lookup,
+    )
+    .await)
+}
+
+/// The embedded build's lookup: a hit is a stage image the daemon still holds. The
+/// contents its consumers are keyed on come from its cache record, else from the image.
+struct DaemonLookup {
+    executor: Arc<dyn Executor>,
+    cache: StageCache,
+}
+
+#[async_trait::async_trait]
+impl StageLookup for DaemonLookup {
+    async fn lookup(&self, _stage: usize, key: &StageKey, paths: &[String]) -> Lookup {
+        let Some(image) = self.executor.stage_image(key).await else {
+            return Lookup::Miss;
+        };
+        let mut have: BTreeMap<String, String> = self
+            .cache
+            .get(key)
+            .ok()
+            .flatten()
+            .map(|r| r.contents)
+            .unwrap_or_default();
+        let lacking: Vec<String> = paths
             .iter()
-            .filter(|d| missed.contains(d) && s.base != StageRef::Stage(**d))
-            .filter(|d| paths.contains_key(d))
-            .map(|d| plan.stages[*d].display_name())
+            .filter(|p| !have.contains_key(*p))
+            .cloned()
             .collect();
-        if pending.is_empty() {
-            writeln!(out, "{label}: miss ({})", &key.to_hex()[..12])?;
-        } else {
-            writeln!(
-                out,
-                "{label}: miss ({}), unless stage {} rebuilds the files copied from it unchanged",
-                &key.to_hex()[..12],
-                pending.join(", ")
-            )?;
+        if !lacking.is_empty() {
+            have.extend(self.executor.contents(&image, &lacking).await);
         }
-        for r in &why[&i] {
-            writeln!(out, "  - {r}")?;
-        }
+        Lookup::Hit(have)
     }
-    Ok(())
 }

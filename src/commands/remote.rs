@@ -1,5 +1,6 @@
 //! `dbuild submit --coordinator URL`: the same build on a farm. The client uploads only the
 //! context blobs the coordinator lacks, streams the events, and brings the final image back.
+//! `dbuild explain --coordinator URL` sends the same request (nothing uploaded).
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -8,16 +9,64 @@ use anyhow::{bail, Context};
 use coordinator::analysis::Analysis;
 use coordinator::context::EntryKind;
 use coordinator::digest::BlobDigest;
+use coordinator::explain::Explanation;
 use coordinator::scheduler::BuildEvent;
 use coordinator::service::content::{pb_digest, receive_blob, upload_chunks};
-use coordinator::service::workers::document;
+use coordinator::service::workers::{document, from_document};
 use proto::v1::{DownloadBlobRequest, MissingBlobsRequest, SubmitRequest};
 use tokio_stream::wrappers::ReceiverStream;
 use worker::farm::Clients;
 
+use super::history::dockerfile_id;
+use super::spec::BuildSpec;
 use super::submit::{failure_message, SubmitArgs};
 use crate::output::{self, Output};
 use crate::progress;
+
+/// What every request about this build tells the coordinator: the Dockerfile, the context
+/// manifest, target, build args, platform, and the Dockerfile's identity in the build
+/// history (as the embedded build keys its history). Options of one command are left
+/// at their defaults.
+pub(crate) fn build_request(
+    spec: &BuildSpec,
+    analysis: &Analysis,
+) -> anyhow::Result<SubmitRequest> {
+    let dockerfile = spec.dockerfile();
+    Ok(SubmitRequest {
+        dockerfile: std::fs::read(&dockerfile)
+            .with_context(|| format!("reading {}", dockerfile.display()))?,
+        dockerfile_path: dockerfile.display().to_string(),
+        manifest: Some(document("ContextManifest/1", &analysis.manifest)),
+        target: spec.target.clone(),
+        build_args: spec.build_args()?.into_iter().collect(),
+        platform: analysis.plan.platform.to_string(),
+        history_id: dockerfile_id(&dockerfile),
+        ..Default::default()
+    })
+}
+
+/// Asks the coordinator to explain the build: it plans, pins and keys it as it would
+/// build it, and looks each stage up in its cache and history. Nothing is uploaded.
+pub async fn explain(
+    url: &str,
+    token: Option<String>,
+    spec: &BuildSpec,
+    analysis: &Analysis,
+    export_image: bool,
+) -> anyhow::Result<Explanation> {
+    let mut clients = Clients::connect(url, token).await?;
+    let request = SubmitRequest {
+        export_image,
+        ..build_request(spec, analysis)?
+    };
+    let doc = clients
+        .builds
+        .explain(request)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))?
+        .into_inner();
+    from_document("Explanation/1", Some(&doc)).map_err(|e| anyhow::anyhow!("{}", e.message()))
+}
 
 pub async fn submit(
     args: &SubmitArgs,
@@ -68,17 +117,12 @@ pub async fn submit(
     tracing::info!(files = missing.len(), bytes = uploaded, "context uploaded");
 
     let request = SubmitRequest {
-        dockerfile: std::fs::read(dockerfile)?,
-        dockerfile_path: dockerfile.display().to_string(),
-        manifest: Some(document("ContextManifest/1", &analysis.manifest)),
-        target: args.spec.target.clone(),
-        build_args: args.spec.build_args()?.into_iter().collect(),
         no_cache: args.no_cache,
         no_cache_filter: args.no_cache_filter.clone(),
         pull: args.pull,
         secrets: secrets.into_iter().collect(),
         export_image: *out != Output::None,
-        platform: analysis.plan.platform.to_string(),
+        ..build_request(&args.spec, &analysis)?
     };
     let mut stream = clients
         .builds

@@ -141,7 +141,7 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
     let history_id = dockerfile_id(&dockerfile);
     let why = history
         .as_ref()
-        .map(|h| why_rebuilt(h, &history_id, &analysis.plan, &keys))
+        .map(|h| why_rebuilt(&**h, &history_id, &analysis.plan, &keys))
         .unwrap_or_default();
     let no_cache_stages = analysis
         .plan
@@ -205,7 +205,7 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
     };
     if let Some(h) = &history {
         let built = outcome.results.keys().chain(&outcome.cached).copied();
-        remember(h, &history_id, &plan, &request.keys, built);
+        remember(&**h, &history_id, &plan, &request.keys, built);
     }
     output::deliver(
         args.docker_host.as_deref(),

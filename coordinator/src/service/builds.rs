@@ -1,6 +1,8 @@
 //! `BuildService`: a client submits a build (Dockerfile, context manifest, options) after
 //! uploading the context blobs the store lacked; the coordinator plans it itself, keys it,
-//! and runs it on the worker pool with the same scheduler as the one-machine build.
+//! and runs it on the worker pool with the same scheduler as the one-machine build, then
+//! records the stages' keys in the build history. `Explain` plans and keys the same
+//! request, and says per stage whether the cache serves it and, if not, why.
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -8,19 +10,20 @@ use std::sync::{Arc, Mutex};
 use futures::Stream;
 use proto::v1::build_service_server::BuildService;
 use proto::v1::{
-    BuildEvent as PbEvent, CancelRequest, CancelResponse, ListWorkersRequest, ListWorkersResponse,
-    SubmitRequest, WorkerInfo,
+    BuildEvent as PbEvent, CancelRequest, CancelResponse, Document, ListWorkersRequest,
+    ListWorkersResponse, SubmitRequest, WorkerInfo,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::workers::from_document;
+use super::workers::{document, from_document};
 use crate::context::{ContextManifest, EntryKind};
+use crate::explain::{self, CacheLookup};
 use crate::frontend::parser;
-use crate::frontend::plan::{plan, PlanOptions, Platform};
-use crate::keys::compute_keys;
+use crate::frontend::plan::{plan, Plan, PlanOptions, Platform};
+use crate::keys::{compute_keys, StageKeys};
 use crate::pool::{exports, WorkerPool};
 use crate::scheduler::{external_images, BuildRequest, PinnedImages, Scheduler};
 use crate::store::BlobStore;
@@ -54,15 +57,20 @@ fn event(build_id: &str, json: serde_json::Value) -> PbEvent {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<PbEvent, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl BuildService for BuildServer {
-    type SubmitStream = EventStream;
+/// A request planned, its base images pinned and its stages keyed, as the coordinator
+/// builds it.
+struct Keyed {
+    plan: Plan,
+    manifest: ContextManifest,
+    pinned: PinnedImages,
+    /// The static keys (before any stage is re-keyed on the contents it copies).
+    keys: Vec<StageKeys>,
+}
 
-    async fn submit(
-        &self,
-        req: Request<SubmitRequest>,
-    ) -> Result<Response<Self::SubmitStream>, Status> {
-        let r = req.into_inner();
+impl BuildServer {
+    /// Plans the request's Dockerfile, has a worker pin its base images and keys it. Keys
+    /// are derived here from the manifest, never taken from the client; no blob is needed.
+    async fn key_request(&self, r: &SubmitRequest) -> Result<Keyed, Status> {
         let file = if r.dockerfile_path.is_empty() {
             "Dockerfile".to_string()
         } else {
@@ -112,6 +120,30 @@ impl BuildService for BuildServer {
         );
         // Keys are derived here from content the store can verify; never from the client.
         let keys = compute_keys(&plan, &manifest, &pinned);
+        Ok(Keyed {
+            plan,
+            manifest,
+            pinned,
+            keys,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl BuildService for BuildServer {
+    type SubmitStream = EventStream;
+
+    async fn submit(
+        &self,
+        req: Request<SubmitRequest>,
+    ) -> Result<Response<Self::SubmitStream>, Status> {
+        let r = req.into_inner();
+        let Keyed {
+            plan,
+            manifest,
+            pinned,
+            keys,
+        } = self.key_request(&r).await?;
         let missing: Vec<&str> = keys
             .iter()
             .filter(|k| plan.built[k.index])
@@ -170,6 +202,7 @@ impl BuildService for BuildServer {
         let pool = Arc::clone(&self.pool);
         let builds = Arc::clone(&self.builds);
         let locks = self.locks.clone();
+        let history_id = r.history_id.clone();
         // The context's blobs belong to no record: pinned against the sweep while the
         // build runs.
         let pins = pool.cache().pin_blobs(
@@ -199,6 +232,18 @@ impl BuildService for BuildServer {
             let result = scheduler.run(&request, inputs, tx, cancel).await;
             let _ = forward.await;
             if let Ok(outcome) = result {
+                // The static keys, as `Explain` compares them (and as the embedded build
+                // records its history).
+                if !history_id.is_empty() {
+                    let built = outcome.results.keys().chain(&outcome.cached).copied();
+                    explain::remember(
+                        &**pool.cache().index(),
+                        &history_id,
+                        &request.plan,
+                        &request.keys,
+                        built,
+                    );
+                }
                 if let Some(img) = pool
                     .artifacts_of(&outcome.target_key)
                     .into_iter()
@@ -222,6 +267,28 @@ impl BuildService for BuildServer {
             builds.lock().unwrap().remove(&build_id);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    async fn explain(&self, req: Request<SubmitRequest>) -> Result<Response<Document>, Status> {
+        let r = req.into_inner();
+        // Never builds, never schedules, needs no blob: only the pinned keys.
+        let k = self.key_request(&r).await?;
+        let cache = self.pool.cache();
+        let lookup = CacheLookup {
+            cache,
+            exports: exports(&k.plan, r.export_image),
+        };
+        let explanation = explain::explain(
+            &k.plan,
+            &k.manifest,
+            &k.pinned,
+            &k.keys,
+            &**cache.index(),
+            &r.history_id,
+            &lookup,
+        )
+        .await;
+        Ok(Response::new(document("Explanation/1", &explanation)))
     }
 
     async fn cancel(

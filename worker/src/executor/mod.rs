@@ -17,6 +17,7 @@ mod tree;
 mod users;
 mod vars;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bollard::query_parameters::CreateImageOptionsBuilder;
@@ -50,6 +51,8 @@ pub struct DockerExecutor {
     locks: run::CacheLocks,
     /// Network mode of a RUN without `--network` (`None`: the daemon's default).
     run_network: Option<String>,
+    /// `COPY --from` reads by (image id, path), shared by contents and consumers.
+    trees: std::sync::Mutex<tree::TreeCache>,
 }
 
 impl DockerExecutor {
@@ -61,6 +64,7 @@ impl DockerExecutor {
             name: name.to_string(),
             locks: Default::default(),
             run_network: None,
+            trees: Default::default(),
         })
     }
 
@@ -187,7 +191,25 @@ impl DockerExecutor {
         paths: &[String],
     ) -> std::collections::BTreeMap<String, String> {
         let mut out = std::collections::BTreeMap::new();
-        let container = match self.new_read_container(res, image, "contents").await {
+        let id = match self.daemon.inspect(image).await {
+            Ok(Some((id, _))) => id,
+            _ => return out,
+        };
+        let cached: Vec<(String, Arc<Vec<tree::SourceTree>>)> = {
+            let trees = self.trees.lock().unwrap();
+            paths
+                .iter()
+                .filter_map(|p| Some((p.clone(), trees.get(&id, &config::clean_abs(p))?)))
+                .collect()
+        };
+        for (p, t) in &cached {
+            out.insert(p.clone(), tree::trees_digest(t));
+        }
+        let paths: Vec<&String> = paths.iter().filter(|p| !out.contains_key(*p)).collect();
+        if paths.is_empty() {
+            return out;
+        }
+        let container = match self.new_read_container(res, &id, "contents").await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(image, error = %e, "cannot read the stage's contents");
@@ -201,7 +223,11 @@ impl DockerExecutor {
         for (p, r) in futures::future::join_all(reads).await {
             match r {
                 Ok(trees) => {
-                    out.insert(p.clone(), tree::trees_digest(&trees));
+                    out.insert(p.to_string(), tree::trees_digest(&trees));
+                    self.trees
+                        .lock()
+                        .unwrap()
+                        .put(&id, &config::clean_abs(p), trees);
                 }
                 Err(e) => tracing::debug!(path = %p, error = %e, "no contents for path"),
             }

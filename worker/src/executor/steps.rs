@@ -287,12 +287,13 @@ impl DockerExecutor {
             Some(IgnoreMatcher::new(&c.excludes).map_err(|e| StageError::new(e.to_string()))?)
         };
         let from = from_image(ti.and_then(|t| t.copy_from.as_ref()), c.from.as_deref());
-        let from_container = match &from {
-            Some(FromImage::Reference(r)) => {
-                Some(self.read_container(st, r, &format!("{kw} --from")).await?)
-            }
+        // The image's id, when its sources may have been read already (TreeCache); a
+        // container to read from is made only when one is not.
+        let from_id = match &from {
+            Some(FromImage::Reference(r)) => self.daemon.inspect(r).await?.map(|(id, _)| id),
             _ => None,
         };
+        let mut from_container: Option<String> = None;
         let mut trees: Vec<SourceTree> = Vec::new();
         // For `--parents`: the context directory each tree's kept path starts below
         // (BuildKit's pivot, `/./` in the source; "" is the context root).
@@ -327,16 +328,35 @@ impl DockerExecutor {
                     "{kw} of a git repository is not supported by this executor yet"
                 )));
             }
-            match (&from, &from_container) {
-                (Some(FromImage::Scratch), _) => {
+            match &from {
+                Some(FromImage::Scratch) => {
                     return Err(StageError::new(format!(
                     "failed to compute cache key: \"{src}\": not found (--from=scratch is empty)"
                 )))
                 }
-                (Some(FromImage::Reference(r)), Some(fc)) => {
-                    let index = ti
-                        .and_then(|t| st.task.instructions.iter().position(|x| std::ptr::eq(x, t)));
-                    let found = self.copy_from_sources(st, r, fc, src, index).await?;
+                Some(FromImage::Reference(r)) => {
+                    let cached = from_id.as_ref().and_then(|id| {
+                        let abs = super::config::clean_abs(&format!("/{src}"));
+                        self.trees.lock().unwrap().get(id, &abs)
+                    });
+                    let found = match cached {
+                        Some(t) => t.as_ref().clone(),
+                        None => {
+                            let fc = match &from_container {
+                                Some(c) => c.clone(),
+                                None => {
+                                    let c =
+                                        self.read_container(st, r, &format!("{kw} --from")).await?;
+                                    from_container = Some(c.clone());
+                                    c
+                                }
+                            };
+                            let index = ti.and_then(|t| {
+                                st.task.instructions.iter().position(|x| std::ptr::eq(x, t))
+                            });
+                            self.copy_from_sources(st, r, &fc, src, index).await?
+                        }
+                    };
                     if found.is_empty() {
                         return Err(StageError::new(format!(
                             "failed to compute cache key: \"{src}\": not found"
@@ -345,7 +365,7 @@ impl DockerExecutor {
                     pivots.extend(found.iter().map(|_| String::new()));
                     trees.extend(found);
                 }
-                _ => {
+                None => {
                     let manifest = &st.inputs.manifest;
                     let (pivot, below) = if c.parents {
                         cp::split_pivot(src)?

@@ -245,6 +245,60 @@ pub fn trees_digest(trees: &[SourceTree]) -> String {
     h.finalize().to_hex().to_string()
 }
 
+/// What `COPY --from` sources of an image read, by (image id, absolute source path), kept
+/// for a while: a stage's contents are read once to key its consumers, and the consumer's
+/// COPY --from then needs no second read (a container and an archive round trip). Images
+/// are immutable, so an entry never goes stale; the cache holds at most [`TreeCache::BUDGET`]
+/// bytes, oldest entries out first.
+#[derive(Default)]
+pub struct TreeCache {
+    map: std::collections::HashMap<(String, String), Arc<Vec<SourceTree>>>,
+    order: std::collections::VecDeque<(String, String)>,
+    bytes: usize,
+}
+
+impl TreeCache {
+    pub const BUDGET: usize = 64 << 20;
+
+    pub fn get(&self, image_id: &str, path: &str) -> Option<Arc<Vec<SourceTree>>> {
+        self.map
+            .get(&(image_id.to_string(), path.to_string()))
+            .cloned()
+    }
+
+    pub fn put(&mut self, image_id: &str, path: &str, trees: Vec<SourceTree>) {
+        let size = trees_bytes(&trees);
+        if size > Self::BUDGET / 4 {
+            return;
+        }
+        let key = (image_id.to_string(), path.to_string());
+        if self.map.insert(key.clone(), Arc::new(trees)).is_some() {
+            return;
+        }
+        self.order.push_back(key);
+        self.bytes += size;
+        while self.bytes > Self::BUDGET {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(t) = self.map.remove(&old) {
+                self.bytes -= trees_bytes(&t);
+            }
+        }
+    }
+}
+
+fn trees_bytes(trees: &[SourceTree]) -> usize {
+    trees
+        .iter()
+        .flat_map(|t| &t.entries)
+        .map(|e| match &e.kind {
+            Kind::File(Content::Bytes(b)) => b.len() + 64,
+            _ => 64,
+        })
+        .sum()
+}
+
 /// A single file made by the executor (heredoc, URL download).
 pub fn bytes_tree(name: &str, data: Vec<u8>, mode: u32) -> SourceTree {
     SourceTree {
