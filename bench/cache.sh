@@ -110,7 +110,7 @@ run_dbuild() {
     shift
     now >"$d/$name.start"
     DBUILD_DATA_DIR="$d/client" DBUILD_LOG=dbuild=info NO_COLOR=1 \
-      "$dbuild" submit "$@" --progress json --output type=none "$ctx" >"$d/$name.json" 2>"$d/$name.err" ||
+      "$dbuild" submit "$@" --network none --progress json --output type=none "$ctx" >"$d/$name.json" 2>"$d/$name.err" ||
       { echo "cache.sh: dbuild $mode $name failed:" >&2; tail -20 "$d/$name.err" >&2; exit 1; }
   }
   : >"$work/t"

@@ -33,10 +33,10 @@ for _ in $(seq "$runs"); do
   bk+=("$(echo "$(now) - $t0" | bc)")
 
   t0=$(now)
-  DBUILD_DATA_DIR=$data "$dbuild" submit --no-cache --progress json --output type=none "$ctx" >"$data/events.json"
+  DBUILD_DATA_DIR=$data "$dbuild" submit --no-cache --network none --progress json --output type=none "$ctx" >"$data/events.json"
   db+=("$(echo "$(now) - $t0" | bc)")
   t0=$(now)
-  DBUILD_DATA_DIR=$data "$dbuild" submit --no-cache --jobs 6 --progress plain --output type=none "$ctx" 2>/dev/null
+  DBUILD_DATA_DIR=$data "$dbuild" submit --no-cache --network none --jobs 6 --progress plain --output type=none "$ctx" 2>/dev/null
   db6+=("$(echo "$(now) - $t0" | bc)")
   overhead+=("$(python3 - "$data/events.json" <<'PY'
 import json, sys, statistics

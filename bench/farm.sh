@@ -47,7 +47,7 @@ for n in 1 2 3; do
     # The final stage alone (its COPYs and the image export) is part of the bound: time it
     # with all inputs cached on the same farm.
     t0=$(date +%s.%N)
-    DBUILD_DATA_DIR="$d/client" "$dbuild" submit --coordinator "$url" --no-cache --progress json --output type=none "$work/ctx" >"$d/events.json"
+    DBUILD_DATA_DIR="$d/client" "$dbuild" submit --coordinator "$url" --no-cache --network none --progress json --output type=none "$work/ctx" >"$d/events.json"
     t1=$(date +%s.%N)
     walls+=("$(echo "$t1 - $t0" | bc)")
     sched=$(python3 - "$d/events.json" "$n" <<'PY'

@@ -530,3 +530,39 @@ fn pull_goes_to_the_registry() {
     );
     assert!(r.stderr_text().contains("alpine"), "{}", r.report());
 }
+
+/// `--network none` (as `docker build --network none`): RUN sees only the loopback
+/// interface; the network is in no key (a default-network rebuild is cached).
+#[test]
+fn network_none_applies_to_every_run() {
+    base_images();
+    let _g = shared();
+    let marker = unique_tag("net");
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM alpine:latest\nRUN echo {marker} && ls /sys/class/net > /nets\n"),
+    )]);
+    let data = tempfile::tempdir().unwrap();
+    let tag = unique_tag("network-none");
+    let r = dbuild_submit(
+        &BuildSpec::new(ctx.path()),
+        &["-t", &tag, "--progress", "plain", "--network", "none"],
+        data.path(),
+    );
+    let _image = Image::new(tag.clone());
+    assert!(r.ok(), "{}", r.report());
+    assert_eq!(run_image(&tag, &["cat", "/nets"]).trim(), "lo");
+    let r = dbuild_submit(
+        &BuildSpec::new(ctx.path()),
+        &["--progress", "json", "--output", "type=none"],
+        data.path(),
+    );
+    assert!(r.ok(), "{}", r.report());
+    assert_eq!(stages_with(&events(&r), "stage_cached").len(), 1);
+    let bad = dbuild_submit(
+        &BuildSpec::new(ctx.path()),
+        &["--network", "bridge0", "--output", "type=none"],
+        data.path(),
+    );
+    assert!(!bad.ok());
+}

@@ -57,6 +57,9 @@ pub struct BuildRequest {
     pub no_cache: bool,
     /// Stages that look nothing up (`--no-cache-filter`); their results are still stored.
     pub no_cache_stages: BTreeSet<usize>,
+    /// `--network` for RUN (`none`, `host`; `None`: the daemon's default). Not in keys:
+    /// like BuildKit, the network a command ran with does not make another result.
+    pub network: Option<String>,
 }
 
 impl BuildRequest {
@@ -372,6 +375,7 @@ fn stage_task_keyed(req: &BuildRequest, all_keys: &[StageKeys], index: usize) ->
         escape: req.plan.escape,
         no_cache: req.skips_cache(index),
         build_args: plan.build_args.clone(),
+        network: req.network.clone(),
         digest_paths: content_paths(plan)
             .remove(&index)
             .map(|p| p.into_iter().collect())

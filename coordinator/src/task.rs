@@ -92,6 +92,9 @@ pub struct StageTask {
     /// in [`StageResult::contents`], which key those consumers.
     #[serde(default)]
     pub digest_paths: Vec<String>,
+    /// The build's `--network` for RUN without its own (`None`: the daemon's default).
+    #[serde(default)]
+    pub network: Option<String>,
 }
 
 impl StageTask {

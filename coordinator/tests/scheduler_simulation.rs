@@ -141,6 +141,7 @@ fn request_with(src: &str, target: Option<&str>, args: &[(&str, &str)]) -> Build
         pinned: PinnedImages::default(),
         no_cache: false,
         no_cache_stages: Default::default(),
+        network: None,
     }
 }
 

@@ -122,6 +122,7 @@ pub async fn submit(
         pull: args.pull,
         secrets: secrets.into_iter().collect(),
         export_image: *out != Output::None,
+        network: args.network.clone(),
         ..build_request(&args.spec, &analysis)?
     };
     let mut stream = clients

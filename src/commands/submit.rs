@@ -53,6 +53,9 @@ pub struct SubmitArgs {
     /// Stages built at the same time (default: the number of cores).
     #[arg(long)]
     pub jobs: Option<usize>,
+    /// Network for RUN instructions: default, none or host (as `docker build --network`).
+    #[arg(long, default_value = "default", value_parser = ["default", "none", "host"])]
+    pub network: String,
     /// Docker daemon to build on (default: DOCKER_HOST or the local socket).
     #[arg(long, env = "DOCKER_HOST")]
     pub docker_host: Option<String>,
@@ -155,6 +158,7 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
         pinned,
         no_cache: args.no_cache,
         no_cache_stages,
+        network: (args.network != "default").then(|| args.network.clone()),
     };
     let inputs = BuildInputs {
         manifest: Arc::new(analysis.manifest),

@@ -128,6 +128,7 @@ pub fn run(args: WarmArgs) -> anyhow::Result<()> {
             output: "type=none".into(),
             iidfile: None,
             jobs: args.jobs,
+            network: "default".into(),
             docker_host: args.docker_host.clone(),
             coordinator: args.coordinator.clone(),
             token: args.token.clone(),

@@ -192,6 +192,15 @@ impl BuildService for BuildServer {
             pinned,
             no_cache: r.no_cache,
             no_cache_stages,
+            network: match r.network.as_str() {
+                "" | "default" => None,
+                "none" | "host" => Some(r.network.clone()),
+                other => {
+                    return Err(Status::invalid_argument(format!(
+                        "--network {other}: a build's RUN network is default, none or host"
+                    )))
+                }
+            },
         };
         let cancel = CancellationToken::new();
         self.builds

@@ -90,7 +90,7 @@ impl DockerExecutor {
             network: match r.network.as_deref() {
                 Some("none") => Some("none".into()),
                 Some("host") => Some("host".into()),
-                _ => self.run_network.clone(),
+                _ => st.task.network.clone().or_else(|| self.run_network.clone()),
             },
             mounts: plan.mounts,
             tmpfs: plan.tmpfs,

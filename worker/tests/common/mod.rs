@@ -183,6 +183,7 @@ pub async fn tasks_with(
         pinned,
         no_cache: true,
         no_cache_stages: Default::default(),
+        network: None,
     };
     let out = req
         .plan
