@@ -132,4 +132,18 @@ fn farm_explain_names_the_changed_file_and_build_arg() {
     assert!(last.contains(&"  - file app.go changed"), "{out}");
     assert!(last.contains(&"  - build arg VERSION 1 → 2"), "{out}");
     assert!(!out.contains("no earlier build"), "{out}");
+
+    // A farm submit prints the same reasons next to the stage it rebuilds.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dbuild"))
+        .arg("submit")
+        .arg(c)
+        .args(["--coordinator", &url, "--progress", "plain"])
+        .args(&args)
+        .env("DBUILD_DATA_DIR", data)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("rebuilt: file app.go changed"), "{err}");
+    assert!(err.contains("build arg VERSION 1 → 2"), "{err}");
 }

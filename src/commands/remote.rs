@@ -11,6 +11,7 @@ use coordinator::context::EntryKind;
 use coordinator::digest::BlobDigest;
 use coordinator::explain::Explanation;
 use coordinator::scheduler::BuildEvent;
+use futures::StreamExt;
 use coordinator::service::content::{pb_digest, receive_blob, upload_chunks};
 use coordinator::service::workers::{document, from_document};
 use proto::v1::{DownloadBlobRequest, MissingBlobsRequest, SubmitRequest};
@@ -100,20 +101,31 @@ pub async fn submit(
         .map_err(|e| anyhow::anyhow!("{}", e.message()))?
         .into_inner()
         .missing;
+    // One stream per blob, sixteen at a time: a context of many small files is bound by
+    // round trips (and the store's fsync per blob), not bandwidth.
+    let uploads = missing.iter().map(|m| {
+        let mut content = clients.content.clone();
+        let context = &args.spec.context;
+        let wanted = &wanted;
+        async move {
+            let d = BlobDigest::from_hex(&m.hex).context("coordinator sent a bad digest")?;
+            let path = context.join(&wanted[&d]);
+            let f = std::fs::File::open(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let size = f.metadata()?.len();
+            content
+                .upload_blob(ReceiverStream::new(upload_chunks(d, size, f)))
+                .await
+                .map_err(|e| anyhow::anyhow!("uploading {}: {}", path.display(), e.message()))?;
+            anyhow::Ok(size)
+        }
+    });
+    let mut uploads = futures::stream::iter(uploads).buffer_unordered(16);
     let mut uploaded = 0u64;
-    for m in &missing {
-        let d = BlobDigest::from_hex(&m.hex).context("coordinator sent a bad digest")?;
-        let path = args.spec.context.join(&wanted[&d]);
-        let f =
-            std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
-        let size = f.metadata()?.len();
-        clients
-            .content
-            .upload_blob(ReceiverStream::new(upload_chunks(d, size, f)))
-            .await
-            .map_err(|e| anyhow::anyhow!("uploading {}: {}", path.display(), e.message()))?;
-        uploaded += size;
+    while let Some(size) = uploads.next().await {
+        uploaded += size?;
     }
+    drop(uploads);
     tracing::info!(files = missing.len(), bytes = uploaded, "context uploaded");
 
     let request = SubmitRequest {
@@ -131,22 +143,43 @@ pub async fn submit(
         .await
         .map_err(|e| anyhow::anyhow!("{}", e.message()))?
         .into_inner();
+    // The coordinator's first message says why stages may be rebuilt (when it has a
+    // history of this Dockerfile); progress prints it next to each rebuilt stage.
+    let mut first = stream
+        .message()
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    let mut why = std::collections::BTreeMap::new();
+    if let Some(msg) = &first {
+        let v: serde_json::Value = serde_json::from_slice(&msg.json)?;
+        if v["event"] == "build_reasons" {
+            why = serde_json::from_value(v["reasons"].clone()).unwrap_or_default();
+            first = None;
+        }
+    }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let renderer = tokio::spawn(progress::render(
         args.progress,
         Arc::new(analysis.plan),
-        Default::default(),
+        why,
         rx,
     ));
     let mut summary = super::submit::Summary::default();
     let mut failed: Option<BuildEvent> = None;
     let mut finished: Option<BuildEvent> = None;
     let mut image_blob: Option<BlobDigest> = None;
-    while let Some(msg) = stream
-        .message()
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", e.message()))?
-    {
+    loop {
+        let msg = match first.take() {
+            Some(m) => m,
+            None => match stream
+                .message()
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message()))?
+            {
+                Some(m) => m,
+                None => break,
+            },
+        };
         let v: serde_json::Value = serde_json::from_slice(&msg.json)?;
         if v["event"] == "target_image" {
             image_blob = v["digest"].as_str().and_then(BlobDigest::from_hex);

@@ -208,6 +208,20 @@ impl BuildService for BuildServer {
             .unwrap()
             .insert(build_id.clone(), cancel.clone());
         let (out_tx, out_rx) = mpsc::channel(256);
+        // First, why each stage may be rebuilt (its key against the last recorded build
+        // of the same Dockerfile), which `--progress plain` prints next to a rebuilt stage.
+        if !r.history_id.is_empty() {
+            let why = explain::why_rebuilt(
+                &**self.pool.cache().index(),
+                &r.history_id,
+                &request.plan,
+                &request.keys,
+            );
+            let _ = out_tx.try_send(Ok(event(
+                &build_id,
+                serde_json::json!({ "event": "build_reasons", "reasons": why }),
+            )));
+        }
         let pool = Arc::clone(&self.pool);
         let builds = Arc::clone(&self.builds);
         let locks = self.locks.clone();
