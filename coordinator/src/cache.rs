@@ -675,14 +675,9 @@ impl StageCache {
         grace: Duration,
         report: &mut PruneReport,
     ) -> Result<(), StoreError> {
-        let pinned: BTreeSet<String> = self
-            .pins
-            .lock()
-            .unwrap()
-            .values()
-            .flatten()
-            .cloned()
-            .collect();
+        // Held to the end: a build pinning its blobs meanwhile waits for the sweep.
+        let pins = self.pins.lock().unwrap();
+        let pinned: BTreeSet<&String> = pins.values().flatten().collect();
         let now = std::time::SystemTime::now();
         for (d, size) in blobs.list()? {
             let hex = d.to_hex();

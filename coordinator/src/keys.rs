@@ -211,7 +211,7 @@ pub fn content_paths(plan: &Plan) -> std::collections::BTreeMap<usize, BTreeSet<
 
 /// The stages an instruction reads with `--from` / `mount from=`, each with its content
 /// paths (`None` for one that cannot be content-keyed).
-fn from_reads(pi: &PlannedInstruction) -> Vec<(usize, Vec<Option<String>>)> {
+pub fn from_reads(pi: &PlannedInstruction) -> Vec<(usize, Vec<Option<String>>)> {
     let mut out = Vec::new();
     match &pi.instruction {
         Instruction::Copy(c) | Instruction::Add(c) => {

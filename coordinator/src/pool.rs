@@ -17,6 +17,8 @@ use crate::task::{
 /// How often workers heartbeat, and how long a silent worker keeps its stages.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 pub const LEASE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a worker may take to pin a build's base images (pulls included).
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub use crate::cache::{Artifact, BlobRef, Export};
 use crate::cache::{StageCache, StageRecord};
@@ -383,12 +385,24 @@ impl WorkerPool {
                 self.state.lock().unwrap().resolving.remove(&task_id);
                 continue;
             }
-            // A lost worker drops the reply (expire_leases); a pull may take long.
+            // A lost worker drops the reply (expire_leases); a pull may take long, but a
+            // worker whose answer never comes (it could not report) is given up on.
             let mut rx = rx;
+            let deadline = tokio::time::Instant::now() + RESOLVE_TIMEOUT;
             let answers = loop {
                 tokio::select! {
                     r = &mut rx => break r.ok(),
                     _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => self.expire_leases(),
+                    _ = tokio::time::sleep_until(deadline) => {
+                        self.state.lock().unwrap().resolving.remove(&task_id);
+                        for r in &remaining {
+                            errors.entry(r.clone()).or_default().push(format!(
+                                "worker {worker}: no answer in {} s",
+                                RESOLVE_TIMEOUT.as_secs()
+                            ));
+                        }
+                        break None;
+                    }
                 }
             };
             let Some(answers) = answers else { continue };

@@ -127,6 +127,15 @@ async fn find(
             if let Err(e) = cache.count_hit(&task.key, &task.display_name()) {
                 tracing::warn!(error = %e, "could not count a cache hit");
             }
+            // The record's contents describe its image; an executor that now holds
+            // another image under the key (rebuilt by another process) reads that one.
+            if !executor.places_stages() {
+                if let Some(id) = executor.stage_image(&task.key).await {
+                    if id != record.image_id {
+                        return Some((id, BTreeMap::new()));
+                    }
+                }
+            }
             return Some((record.image_id, record.contents));
         }
         Ok(None) => {}
@@ -315,11 +324,18 @@ pub enum BuildError {
 
 /// Builds the task for stage `index` of a keyed plan.
 pub fn stage_task(req: &BuildRequest, index: usize) -> StageTask {
-    stage_task_keyed(req, &req.keys, index)
+    stage_task_keyed(req, &req.keys, &crate::keys::NoContents, &BTreeMap::new(), index)
 }
 
-/// Builds the task for stage `index` with `all_keys` (the build's current keys).
-fn stage_task_keyed(req: &BuildRequest, all_keys: &[StageKeys], index: usize) -> StageTask {
+/// Builds the task for stage `index` with `all_keys` (the build's current keys) and the
+/// contents the stages it reads reported (what its `--from` reads are keyed on).
+fn stage_task_keyed(
+    req: &BuildRequest,
+    all_keys: &[StageKeys],
+    contents: &dyn crate::keys::Contents,
+    done: &BTreeMap<usize, String>,
+    index: usize,
+) -> StageTask {
     let plan = &req.plan;
     let stage = &plan.stages[index];
     let keys = &all_keys[index];
@@ -335,12 +351,13 @@ fn stage_task_keyed(req: &BuildRequest, all_keys: &[StageKeys], index: usize) ->
         StageRef::Stage(i) => TaskSource::Stage {
             index: *i,
             key: all_keys[*i].key,
+            image_id: done.get(i).cloned(),
         },
     };
     let base = match source(&stage.base) {
         TaskSource::Scratch => TaskBase::Scratch,
         TaskSource::Image { reference, id } => TaskBase::Image { reference, id },
-        TaskSource::Stage { index, key } => TaskBase::Stage { index, key },
+        TaskSource::Stage { index, key, .. } => TaskBase::Stage { index, key },
     };
     let instructions = stage
         .instructions
@@ -354,6 +371,7 @@ fn stage_task_keyed(req: &BuildRequest, all_keys: &[StageKeys], index: usize) ->
             source: pi.source.clone(),
             line: pi.start_line,
             copy_from: pi.copy_from.as_ref().map(source),
+            from_contents: from_contents(pi, link, contents),
             mount_from: pi
                 .mount_from
                 .iter()
@@ -381,6 +399,26 @@ fn stage_task_keyed(req: &BuildRequest, all_keys: &[StageKeys], index: usize) ->
             .map(|p| p.into_iter().collect())
             .unwrap_or_default(),
     }
+}
+
+/// The digests an instruction's `--from` reads were keyed on (those its key link names as
+/// `content`), by path.
+fn from_contents(
+    pi: &crate::frontend::plan::PlannedInstruction,
+    link: &crate::keys::ChainLink,
+    contents: &dyn crate::keys::Contents,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (stage, paths) in crate::keys::from_reads(pi) {
+        for p in paths.into_iter().flatten() {
+            if let Some(d) = contents.digest(stage, &p) {
+                if link.inputs.iter().any(|i| i.value == format!("content {d}")) {
+                    out.insert(p, d);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The longest chain of stages from each stage to the target (itself included): what is
@@ -498,7 +536,7 @@ impl Scheduler {
                             &contents,
                         );
                     }
-                    let task = stage_task_keyed(req, &keys, i);
+                    let task = stage_task_keyed(req, &keys, &contents, &done, i);
                     if !req.skips_cache(i) {
                         if let Some(hit) =
                             lookup(&*self.executor, self.cache.as_deref(), &task).await
@@ -533,22 +571,26 @@ impl Scheduler {
                     let cache = self.cache.clone();
                     let flights = self.flights.clone();
                     running.spawn(async move {
-                        let _claim = match (&flights, task.no_cache) {
-                            (Some(dir), false) => match claim(dir, &task.key, &token).await {
+                        // A --no-cache build claims the key too (it never reuses), so two
+                        // builders never write one key's image and record at once.
+                        let _claim = match &flights {
+                            Some(dir) => match claim(dir, &task.key, &token).await {
                                 Claim::Cancelled => return (i, Err(StageError::cancelled()), w),
                                 // Whoever held the key may have finished it since this
                                 // build looked (waiting or not): look again.
                                 Claim::Held(held) => {
-                                    if let Some(hit) =
-                                        lookup(&*executor, cache.as_deref(), &task).await
-                                    {
-                                        return (i, Ok(Done::Cached(hit)), w);
+                                    if !task.no_cache {
+                                        if let Some(hit) =
+                                            lookup(&*executor, cache.as_deref(), &task).await
+                                        {
+                                            return (i, Ok(Done::Cached(hit)), w);
+                                        }
                                     }
                                     Some(held)
                                 }
                                 Claim::Unavailable => None,
                             },
-                            _ => None,
+                            None => None,
                         };
                         if !places {
                             let _ = events.send(BuildEvent::StageStarted {

@@ -45,7 +45,14 @@ pub enum TaskBase {
 pub enum TaskSource {
     Scratch,
     Image { reference: String, id: String },
-    Stage { index: usize, key: StageKey },
+    Stage {
+        index: usize,
+        key: StageKey,
+        /// The stage's image as this build found or built it: read by id, since the tag
+        /// can be moved meanwhile (and a farm worker may hold another image under it).
+        #[serde(default)]
+        image_id: Option<String>,
+    },
 }
 
 /// One instruction of a stage task.
@@ -66,6 +73,13 @@ pub struct TaskInstruction {
     pub copy_from: Option<TaskSource>,
     /// Aligned with the RUN's mounts.
     pub mount_from: Vec<Option<TaskSource>>,
+    /// For a `--from` read keyed on content: source path (as
+    /// [`crate::keys::content_path`] spells it) → the digest the key covers. The executor
+    /// checks what it reads against it, so a stage image replaced meanwhile (a concurrent
+    /// `--no-cache` rebuild of a stage that is not reproducible) fails the step instead of
+    /// storing other files under this key.
+    #[serde(default)]
+    pub from_contents: BTreeMap<String, String>,
 }
 
 /// One stage to build.

@@ -108,11 +108,13 @@ impl StageLookup for DaemonLookup {
         let Some(image) = self.executor.stage_image(key).await else {
             return Lookup::Miss;
         };
+        // The record's contents describe its image: only if that is the one the daemon holds.
         let mut have: BTreeMap<String, String> = self
             .cache
             .get(key)
             .ok()
             .flatten()
+            .filter(|r| r.image_id == image)
             .map(|r| r.contents)
             .unwrap_or_default();
         let lacking: Vec<String> = paths

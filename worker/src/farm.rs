@@ -321,12 +321,13 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
             let id = assignment.task_id.clone();
             let tags = used_tags(&assignment);
             if let Some(c) = &cap {
-                c.touch(tags.iter().cloned());
+                c.begin(&id, tags.clone());
             }
             ctx.handle(assignment, token).await;
             running.lock().unwrap().remove(&id);
             if let Some(c) = cap {
                 c.touch(tags);
+                c.end(&id);
                 enforce_cap(c);
             }
         });
@@ -345,14 +346,30 @@ fn used_tags(a: &TaskAssignment) -> Vec<String> {
             .iter()
             .map(|t| coordinator::task::instruction_image_tag(&t.key)),
     );
+    let mut by_key: BTreeMap<StageKey, Vec<coordinator::pool::Artifact>> = BTreeMap::new();
     for art in a.imports.iter().filter_map(|i| artifact(i).ok()) {
-        tags.push(stage_image_tag(&art.stage_key));
-        tags.push(format!("dbuild-paths:{}", art.stage_key.to_hex()));
+        by_key.entry(art.stage_key).or_default().push(art);
+    }
+    for (key, arts) in &by_key {
+        tags.push(stage_image_tag(key));
+        tags.push(paths_image_tag(key, arts));
     }
     if let TaskBase::Stage { key, .. } = &task.base {
         tags.push(stage_image_tag(key));
     }
     tags
+}
+
+/// The tag of the image a worker makes of a stage's exported paths: named by the stage key
+/// and the artifacts' digests, so other artifacts of the same key never reuse it.
+fn paths_image_tag(key: &StageKey, arts: &[coordinator::pool::Artifact]) -> String {
+    let mut h = blake3::Hasher::new();
+    let mut digests: Vec<&str> = arts.iter().map(|a| a.digest.as_str()).collect();
+    digests.sort();
+    for d in digests {
+        h.update(d.as_bytes());
+    }
+    format!("dbuild-paths:{}-{}", key.to_hex(), &h.finalize().to_hex()[..12])
 }
 
 /// Evicts least recently used images over the cap, in the background.
@@ -447,8 +464,15 @@ impl TaskCtx {
             task_id,
             images,
         };
-        if let Err(e) = self.clients.workers.report_resolved(report).await {
-            tracing::error!(error = %e, "could not report resolved images");
+        // The coordinator waits for this answer: try a few times before giving up.
+        for attempt in 1..=5 {
+            match self.clients.workers.report_resolved(report.clone()).await {
+                Ok(_) => return,
+                Err(e) if attempt == 5 => {
+                    tracing::error!(error = %e, "could not report resolved images")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200 * attempt)).await,
+            }
         }
     }
 
@@ -613,7 +637,25 @@ impl TaskCtx {
             by_key.entry(art.stage_key).or_default().push(art);
         }
         for (key, arts) in by_key {
-            if self.has_image(&stage_image_tag(&key)).await {
+            // The image this build read the stage as, when the task names it: a daemon
+            // holding another image under the stage's tag must import this one.
+            let expected = task
+                .instructions
+                .iter()
+                .flat_map(|ti| ti.copy_from.iter().chain(ti.mount_from.iter().flatten()))
+                .find_map(|s| match s {
+                    TaskSource::Stage {
+                        key: k,
+                        image_id: Some(id),
+                        ..
+                    } if *k == key => Some(id.clone()),
+                    _ => None,
+                });
+            let held = match &expected {
+                Some(id) => self.has_image(id).await,
+                None => self.has_image(&stage_image_tag(&key)).await,
+            };
+            if held {
                 continue;
             }
             if let Some(img) = arts.iter().find(|a| a.path.is_empty()) {
@@ -628,7 +670,7 @@ impl TaskCtx {
                 continue;
             }
             // Only paths: build an image holding just them, and read COPY --from there.
-            let reference = format!("dbuild-paths:{}", key.to_hex());
+            let reference = paths_image_tag(&key, &arts);
             if !self.has_image(&reference).await {
                 let mut rootfs = tar::Builder::new(Vec::new());
                 for art in &arts {

@@ -26,6 +26,16 @@ pub struct CapReport {
     pub bytes_freed: u64,
 }
 
+/// One of dbuild's images, as the cap weighs it.
+struct Candidate {
+    /// Last use; `None` while a running task uses it (never evicted then).
+    last: Option<SystemTime>,
+    /// What it adds over the longest image it extends.
+    own: u64,
+    layers: Vec<String>,
+    tags: Vec<String>,
+}
+
 pub struct ImageCap {
     docker: Docker,
     cap: u64,
@@ -33,7 +43,10 @@ pub struct ImageCap {
     used: Mutex<HashMap<String, SystemTime>>,
     /// Image id → layer diff ids.
     layers: Mutex<HashMap<String, Vec<String>>>,
-    running: AtomicBool,
+    enforcing: AtomicBool,
+    /// Running tasks, by id, with the tags they read and write: never evicted while they
+    /// run, however long (dbuild's images carry no creation time to go by).
+    running: Mutex<HashMap<String, Vec<String>>>,
     /// Tag prefixes of the images it manages.
     prefixes: Vec<String>,
     recent: Duration,
@@ -46,7 +59,8 @@ impl ImageCap {
             cap,
             used: Mutex::default(),
             layers: Mutex::default(),
-            running: AtomicBool::new(false),
+            enforcing: AtomicBool::new(false),
+            running: Mutex::default(),
             prefixes: OURS.iter().map(|p| p.to_string()).collect(),
             recent: RECENT,
         }
@@ -69,14 +83,27 @@ impl ImageCap {
         }
     }
 
+    /// A task began: the images it reads and writes (`tags`) are kept until it ends.
+    pub fn begin(&self, task_id: &str, tags: Vec<String>) {
+        self.touch(tags.iter().cloned());
+        self.running
+            .lock()
+            .unwrap()
+            .insert(task_id.to_string(), tags);
+    }
+
+    pub fn end(&self, task_id: &str) {
+        self.running.lock().unwrap().remove(task_id);
+    }
+
     /// Removes dbuild's least recently used images until they fit the cap. Runs once at a
     /// time (a call while one runs returns at once, with nothing done).
     pub async fn enforce(&self) -> Result<CapReport, String> {
-        if self.running.swap(true, Ordering::SeqCst) {
+        if self.enforcing.swap(true, Ordering::SeqCst) {
             return Ok(CapReport::default());
         }
         let r = self.enforce_now().await;
-        self.running.store(false, Ordering::SeqCst);
+        self.enforcing.store(false, Ordering::SeqCst);
         r
     }
 
@@ -97,8 +124,10 @@ impl ImageCap {
         }
         let now = SystemTime::now();
         let used = self.used.lock().unwrap().clone();
-        // (last use, own bytes, layers, tags) of each image carrying only dbuild's tags.
-        let mut ours: Vec<(SystemTime, u64, Vec<String>, Vec<String>)> = images
+        let in_use: std::collections::HashSet<String> =
+            self.running.lock().unwrap().values().flatten().cloned().collect();
+        // Each image carrying only dbuild's tags.
+        let mut ours: Vec<Candidate> = images
             .into_iter()
             .filter(|i| {
                 !i.repo_tags.is_empty()
@@ -113,8 +142,15 @@ impl ImageCap {
                     .repo_tags
                     .iter()
                     .filter_map(|t| used.get(t).copied())
+                    .chain([created])
                     .max()
                     .unwrap_or(created);
+                // A running task's image: never a candidate.
+                let last = if i.repo_tags.iter().any(|t| in_use.contains(t)) {
+                    None
+                } else {
+                    Some(last)
+                };
                 let layers = layers_of.remove(&i.id).unwrap_or_default();
                 let size = i.size.max(0) as u64;
                 let below = (0..layers.len())
@@ -122,21 +158,32 @@ impl ImageCap {
                     .find_map(|n| by_prefix.get(&layers[..n]))
                     .copied()
                     .unwrap_or(0);
-                (last, size.saturating_sub(below), layers, i.repo_tags)
+                Candidate {
+                    last,
+                    own: size.saturating_sub(below),
+                    layers,
+                    tags: i.repo_tags,
+                }
             })
             .collect();
         let mut report = CapReport {
-            bytes_before: ours.iter().map(|(_, b, _, _)| b).sum(),
+            bytes_before: ours.iter().map(|c| c.own).sum(),
             ..Default::default()
         };
         let mut total = report.bytes_before;
-        ours.sort_by_key(|(last, _, _, _)| *last);
+        ours.sort_by_key(|c| c.last);
         let extends = |a: &[String], b: &[String]| b.len() > a.len() && b.starts_with(a);
         for k in 0..ours.len() {
             if total <= self.cap {
                 break;
             }
-            let (last, own, layers, tags) = &ours[k];
+            let Candidate {
+                last,
+                own,
+                layers,
+                tags,
+            } = &ours[k];
+            let Some(last) = last else { continue };
             if now.duration_since(*last).unwrap_or_default() < self.recent {
                 continue;
             }
@@ -157,7 +204,7 @@ impl ImageCap {
                 used.remove(t);
             }
             // Its top layer stays while a later image of the chain extends it.
-            if !ours[k + 1..].iter().any(|(_, _, l, _)| extends(layers, l)) {
+            if !ours[k + 1..].iter().any(|c| extends(layers, &c.layers)) {
                 total = total.saturating_sub(*own);
                 report.bytes_freed += own;
             }

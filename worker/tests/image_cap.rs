@@ -89,5 +89,21 @@ async fn least_recently_used_images_go_first_until_they_fit() {
     let r = guarded.enforce().await.unwrap();
     assert_eq!(r.images_removed, 0);
     assert!(exists(&tags[1]));
-    let _ = common::docker(&["rmi", &tags[1]]);
+
+    // A running task's images stay, however long it runs; once it ends they can go.
+    let none_recent = ImageCap::new(
+        bollard::Docker::connect_with_local_defaults()
+            .unwrap()
+            .negotiate_version()
+            .await
+            .unwrap(),
+        0,
+    )
+    .scoped(&[&scoped], Duration::ZERO);
+    none_recent.begin("task-1", vec![tags[1].clone()]);
+    assert_eq!(none_recent.enforce().await.unwrap().images_removed, 0);
+    assert!(exists(&tags[1]));
+    none_recent.end("task-1");
+    assert_eq!(none_recent.enforce().await.unwrap().images_removed, 1);
+    assert!(!exists(&tags[1]));
 }

@@ -228,12 +228,21 @@ impl BuildService for BuildServer {
         let history_id = r.history_id.clone();
         // The context's blobs belong to no record: pinned against the sweep while the
         // build runs.
+        // So are the pinned base images' blobs (looking them up marks them used).
+        let base_blobs: Vec<String> = request
+            .pinned
+            .0
+            .values()
+            .filter_map(|id| pool.cache().base_image(id))
+            .map(|b| b.digest)
+            .collect();
         let pins = pool.cache().pin_blobs(
             inputs
                 .manifest
                 .iter()
                 .filter_map(|e| e.digest())
-                .map(|d| d.to_hex()),
+                .map(|d| d.to_hex())
+                .chain(base_blobs),
         );
         tokio::spawn(async move {
             let _pins = pins;

@@ -48,12 +48,24 @@ impl SledStore {
                     path: path.to_path_buf(),
                 })
             }
-            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
-                Opening::Failed(StoreError::Io {
-                    path: path.to_path_buf(),
-                    source: io,
-                })
+            // Something that is not an index sits at the path: moved aside.
+            sled::Error::Io(io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::NotADirectory
+                        | std::io::ErrorKind::AlreadyExists
+                        | std::io::ErrorKind::InvalidData
+                        | std::io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                Opening::Broken(index_err(path, io))
             }
+            // A full disk, a descriptor limit, a read-only or failing disk, no permission:
+            // the index itself is fine and is left alone.
+            sled::Error::Io(io) => Opening::Failed(StoreError::Io {
+                path: path.to_path_buf(),
+                source: io,
+            }),
             other => Opening::Broken(index_err(path, other)),
         })?;
         let store = SledStore {

@@ -350,7 +350,7 @@ impl DockerExecutor {
         } else {
             docker::timed(
                 "contents",
-                self.image_contents(res, &stage_tag, &task.digest_paths),
+                self.image_contents(res, &image_id, &task.digest_paths),
             )
             .await
         };

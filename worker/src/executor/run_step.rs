@@ -171,6 +171,7 @@ impl DockerExecutor {
                         .read_container(st, &reference, "RUN --mount from")
                         .await?;
                     let trees = self.image_sources(&c, &src).await?;
+                    super::steps::check_from_contents(ti, &reference, &src, &trees)?;
                     let t = trees.into_iter().next().ok_or_else(|| {
                         StageError::new(format!(
                             "RUN --mount source {src}: not found in {reference}"

@@ -29,6 +29,9 @@ pub(super) fn from_image(src: Option<&TaskSource>, written: Option<&str>) -> Opt
     match (src, written) {
         (Some(TaskSource::Scratch), _) => Some(FromImage::Scratch),
         (Some(TaskSource::Image { id, .. }), _) => Some(FromImage::Reference(id.clone())),
+        (Some(TaskSource::Stage { image_id: Some(id), .. }), _) => {
+            Some(FromImage::Reference(id.clone()))
+        }
         (Some(TaskSource::Stage { key, .. }), _) => {
             Some(FromImage::Reference(stage_image_tag(key)))
         }
@@ -357,6 +360,7 @@ impl DockerExecutor {
                             self.copy_from_sources(st, r, &fc, src, index).await?
                         }
                     };
+                    check_from_contents(ti, r, src, &found)?;
                     if found.is_empty() {
                         return Err(StageError::new(format!(
                             "failed to compute cache key: \"{src}\": not found"
@@ -530,4 +534,30 @@ fn heredoc_source<'c>(
         .trim_start_matches('-')
         .trim_matches(|ch| ch == '"' || ch == '\'');
     c.heredocs.iter().find(|h| h.name == name)
+}
+
+/// A `--from` read the step's key covers by content must read exactly that content: the
+/// stage image may have been replaced since (a concurrent `--no-cache` rebuild of a stage
+/// that is not reproducible), and its files must not be stored under this key.
+pub(super) fn check_from_contents(
+    ti: Option<&TaskInstruction>,
+    reference: &str,
+    src: &str,
+    trees: &[SourceTree],
+) -> Result<(), StageError> {
+    let Some(expected) = ti.and_then(|t| {
+        let p = coordinator::keys::content_path(src)?;
+        t.from_contents.get(&p)
+    }) else {
+        return Ok(());
+    };
+    let actual = super::tree::trees_digest(trees);
+    if &actual == expected {
+        return Ok(());
+    }
+    Err(StageError::new(format!(
+        "{src} in {reference} is not what this build keyed it on (content {} expected, {} found): the stage image changed while the build ran, e.g. a concurrent --no-cache rebuild; run the build again",
+        &expected[..12.min(expected.len())],
+        &actual[..12]
+    )))
 }
