@@ -357,3 +357,52 @@ fn a_silent_worker_loses_its_stage_to_another() {
     }
     let _ = Command::new("docker").args(["rmi", &t]).output();
 }
+
+/// Farm processes stop cleanly on SIGTERM (what systemd, Docker and Kubernetes send), and
+/// a worker outlives a coordinator restart: it registers again at the same URL and builds.
+#[test]
+fn sigterm_stops_cleanly_and_workers_survive_a_coordinator_restart() {
+    base_images(None).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let (mut coord, url) = start_coordinator_on(&data.path().join("coord"), &listen);
+    let mut w = start_worker(&url, "survivor", 1, &data.path().join("w"), None);
+    wait_for_workers(&url, 1);
+
+    let term = |p: &mut Proc| {
+        assert!(Command::new("kill")
+            .args(["-TERM", &p.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = p.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "no exit 15 s after SIGTERM");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert!(term(&mut coord).success(), "coordinator exit status");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        w.0.try_wait().unwrap().is_none(),
+        "the worker waits for its coordinator to come back"
+    );
+    let (_coord, url) = start_coordinator_on(&data.path().join("coord"), &listen);
+    wait_for_workers(&url, 1);
+    let ctx = write_ctx(&format!(
+        "FROM alpine:latest\nRUN echo back-{} > /b\n",
+        std::process::id()
+    ));
+    let r = submit(&url, ctx.path(), &["--output", "type=none"], &data.path().join("client"));
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.placement(0).as_deref(), Some("survivor"));
+    assert!(term(&mut w).success(), "worker exit status");
+}

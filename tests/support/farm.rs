@@ -19,8 +19,13 @@ impl Drop for Proc {
 }
 
 pub fn start_coordinator(data: &Path) -> (Proc, String) {
+    start_coordinator_on(data, "127.0.0.1:0")
+}
+
+/// A coordinator listening on `listen` (a fixed port, for a restart at the same URL).
+pub fn start_coordinator_on(data: &Path, listen: &str) -> (Proc, String) {
     let mut child = Command::new(DBUILD)
-        .args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args(["coordinator", "--listen", listen, "--data-dir"])
         .arg(data)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

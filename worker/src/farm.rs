@@ -232,18 +232,6 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
     let docker = connect_docker(cfg.docker_host.as_deref()).await?;
     let blobs =
         BlobStore::open(&cfg.data_dir.join("blobs")).map_err(|e| WorkerError::Io(e.to_string()))?;
-    let mut clients = Clients::connect(&cfg.coordinator, cfg.token.clone()).await?;
-    let reg = clients
-        .workers
-        .register(RegisterRequest {
-            name: cfg.name.clone(),
-            address: cfg.address.clone(),
-            slots: cfg.slots as u32,
-            held_stage_keys: held_stage_keys(&docker).await,
-        })
-        .await?
-        .into_inner();
-    tracing::info!(worker = %cfg.name, coordinator = %cfg.coordinator, "registered");
     let running: Arc<Mutex<BTreeMap<String, CancellationToken>>> = Arc::default();
     let cap = cfg
         .image_cap
@@ -251,18 +239,80 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
     if let Some(cap) = &cap {
         enforce_cap(Arc::clone(cap));
     }
+    let shared = Shared {
+        executor,
+        docker,
+        blobs,
+        running,
+        cap,
+    };
+    // A coordinator that goes away (a restart, a deploy) is waited for: the worker
+    // registers again when it is back. Only a first connection that fails is an error.
+    let mut registered_once = false;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let began = Instant::now();
+        let outcome = session(&cfg, &shutdown, &shared, &mut registered_once).await;
+        if began.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(500);
+        }
+        match outcome {
+            Ok(()) => return Ok(()),
+            Err(e) if !registered_once => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "lost the coordinator; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
 
-    // Heartbeats renew the lease and carry cancels back.
-    let hb_running = Arc::clone(&running);
+/// What a worker keeps across its sessions with the coordinator.
+struct Shared {
+    executor: Arc<DockerExecutor>,
+    docker: Docker,
+    blobs: BlobStore,
+    running: Arc<Mutex<BTreeMap<String, CancellationToken>>>,
+    cap: Option<Arc<crate::image_cap::ImageCap>>,
+}
+
+/// One registration with the coordinator: heartbeats and the task stream, until shutdown
+/// (`Ok`) or until the coordinator is lost (`Err`).
+async fn session(
+    cfg: &WorkerConfig,
+    shutdown: &CancellationToken,
+    sh: &Shared,
+    registered_once: &mut bool,
+) -> Result<(), WorkerError> {
+    let mut clients = Clients::connect(&cfg.coordinator, cfg.token.clone()).await?;
+    let reg = clients
+        .workers
+        .register(RegisterRequest {
+            name: cfg.name.clone(),
+            address: cfg.address.clone(),
+            slots: cfg.slots as u32,
+            held_stage_keys: held_stage_keys(&sh.docker).await,
+        })
+        .await?
+        .into_inner();
+    *registered_once = true;
+    tracing::info!(worker = %cfg.name, coordinator = %cfg.coordinator, "registered");
+    // Heartbeats renew the lease and carry cancels back, for this session only.
+    let ended = shutdown.child_token();
+    let _end_heartbeats = ended.clone().drop_guard();
+    let hb_running = Arc::clone(&sh.running);
     let mut hb_client = clients.workers.clone();
     let worker_id = reg.worker_id.clone();
     let interval = Duration::from_millis(reg.heartbeat_interval_ms.max(100) as u64);
-    let hb_shutdown = shutdown.clone();
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
-                _ = hb_shutdown.cancelled() => return,
+                _ = ended.cancelled() => return,
             }
             let ids: Vec<String> = hb_running.lock().unwrap().keys().cloned().collect();
             match hb_client
@@ -303,20 +353,20 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
             });
         };
         let token = shutdown.child_token();
-        running
+        sh.running
             .lock()
             .unwrap()
             .insert(assignment.task_id.clone(), token.clone());
         let ctx = TaskCtx {
-            executor: Arc::clone(&executor),
-            docker: docker.clone(),
-            blobs: blobs.clone(),
+            executor: Arc::clone(&sh.executor),
+            docker: sh.docker.clone(),
+            blobs: sh.blobs.clone(),
             clients: clients.clone(),
             worker_id: reg.worker_id.clone(),
             scratch: cfg.data_dir.join("tmp"),
         };
-        let running = Arc::clone(&running);
-        let cap = cap.clone();
+        let running = Arc::clone(&sh.running);
+        let cap = sh.cap.clone();
         tokio::spawn(async move {
             let id = assignment.task_id.clone();
             let tags = used_tags(&assignment);
