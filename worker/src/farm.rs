@@ -686,7 +686,9 @@ impl TaskCtx {
             let art = artifact(pb).map_err(|e| StageError::new(e.message().to_string()))?;
             by_key.entry(art.stage_key).or_default().push(art);
         }
-        for (key, arts) in by_key {
+        // Each stage's artifacts are imported at the same time (a docker load or import
+        // each); then the task reads the path-only ones from the images made of them.
+        let imports = by_key.into_iter().map(|(key, arts)| {
             // The image this build read the stage as, when the task names it: a daemon
             // holding another image under the stage's tag must import this one.
             let expected = task
@@ -701,58 +703,17 @@ impl TaskCtx {
                     } if *k == key => Some(id.clone()),
                     _ => None,
                 });
-            let held = match &expected {
-                Some(id) => self.has_image(id).await,
-                None => self.has_image(&stage_image_tag(&key)).await,
+            let this = self.clone_for_import();
+            async move {
+                let made = this.import_stage(key, &arts, expected).await?;
+                Ok::<_, StageError>((key, made))
+            }
+        });
+        for r in futures::future::join_all(imports).await {
+            let (key, made) = r?;
+            let Some((reference, id)) = made else {
+                continue;
             };
-            if held {
-                continue;
-            }
-            if let Some(img) = arts.iter().find(|a| a.path.is_empty()) {
-                let bytes = self.fetch_blob(&img.digest).await?;
-                let opts = ImportImageOptionsBuilder::default().quiet(true).build();
-                let mut s = self
-                    .docker
-                    .import_image(opts, bollard::body_full(bytes.into()), None);
-                while let Some(r) = s.next().await {
-                    r.map_err(|e| StageError::new(format!("docker load of stage {key}: {e}")))?;
-                }
-                continue;
-            }
-            // Only paths: build an image holding just them, and read COPY --from there.
-            let reference = paths_image_tag(&key, &arts);
-            if !self.has_image(&reference).await {
-                let mut rootfs = tar::Builder::new(Vec::new());
-                for art in &arts {
-                    let bytes = self.fetch_blob(&art.digest).await?;
-                    reprefix(&mut rootfs, &bytes, parent_of(&art.path))
-                        .map_err(|e| StageError::new(format!("artifact {}: {e}", art.path)))?;
-                }
-                let tar = rootfs
-                    .into_inner()
-                    .map_err(|e| StageError::new(e.to_string()))?;
-                let (repo, tag) = reference.split_once(':').expect("has a tag");
-                let opts = CreateImageOptionsBuilder::default()
-                    .from_src("-")
-                    .repo(repo)
-                    .tag(tag)
-                    .build();
-                let mut s = self.docker.create_image(
-                    Some(opts),
-                    Some(bollard::body_full(tar.into())),
-                    None,
-                );
-                while let Some(r) = s.next().await {
-                    r.map_err(|e| StageError::new(format!("importing artifacts of {key}: {e}")))?;
-                }
-            }
-            let id = self
-                .docker
-                .inspect_image(&reference)
-                .await
-                .ok()
-                .and_then(|i| i.id)
-                .unwrap_or_else(|| reference.clone());
             for ti in &mut task.instructions {
                 for s in ti
                     .copy_from
@@ -776,6 +737,80 @@ impl TaskCtx {
             }
         }
         Ok(())
+    }
+
+    /// A copy of what importing needs, for one of several imports at once.
+    fn clone_for_import(&self) -> TaskCtx {
+        TaskCtx {
+            executor: Arc::clone(&self.executor),
+            docker: self.docker.clone(),
+            blobs: self.blobs.clone(),
+            clients: self.clients.clone(),
+            worker_id: self.worker_id.clone(),
+            scratch: self.scratch.clone(),
+        }
+    }
+
+    /// Imports one stage's artifacts unless the daemon holds its image (`expected`, else
+    /// its tag): the image by `docker load`, or an image of just its exported paths,
+    /// whose reference and id are returned (the task then reads those paths there).
+    async fn import_stage(
+        mut self,
+        key: StageKey,
+        arts: &[coordinator::pool::Artifact],
+        expected: Option<String>,
+    ) -> Result<Option<(String, String)>, StageError> {
+        let held = match &expected {
+            Some(id) => self.has_image(id).await,
+            None => self.has_image(&stage_image_tag(&key)).await,
+        };
+        if held {
+            return Ok(None);
+        }
+        if let Some(img) = arts.iter().find(|a| a.path.is_empty()) {
+            let bytes = self.fetch_blob(&img.digest).await?;
+            let opts = ImportImageOptionsBuilder::default().quiet(true).build();
+            let mut s = self
+                .docker
+                .import_image(opts, bollard::body_full(bytes.into()), None);
+            while let Some(r) = s.next().await {
+                r.map_err(|e| StageError::new(format!("docker load of stage {key}: {e}")))?;
+            }
+            return Ok(None);
+        }
+        // Only paths: build an image holding just them, and read COPY --from there.
+        let reference = paths_image_tag(&key, arts);
+        if !self.has_image(&reference).await {
+            let mut rootfs = tar::Builder::new(Vec::new());
+            for art in arts {
+                let bytes = self.fetch_blob(&art.digest).await?;
+                reprefix(&mut rootfs, &bytes, parent_of(&art.path))
+                    .map_err(|e| StageError::new(format!("artifact {}: {e}", art.path)))?;
+            }
+            let tar = rootfs
+                .into_inner()
+                .map_err(|e| StageError::new(e.to_string()))?;
+            let (repo, tag) = reference.split_once(':').expect("has a tag");
+            let opts = CreateImageOptionsBuilder::default()
+                .from_src("-")
+                .repo(repo)
+                .tag(tag)
+                .build();
+            let mut s =
+                self.docker
+                    .create_image(Some(opts), Some(bollard::body_full(tar.into())), None);
+            while let Some(r) = s.next().await {
+                r.map_err(|e| StageError::new(format!("importing artifacts of {key}: {e}")))?;
+            }
+        }
+        let id = self
+            .docker
+            .inspect_image(&reference)
+            .await
+            .ok()
+            .and_then(|i| i.id)
+            .unwrap_or_else(|| reference.clone());
+        Ok(Some((reference, id)))
     }
 
     /// An artifact's bytes: downloaded into the local blob cache if missing, read verified.
