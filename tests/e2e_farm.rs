@@ -261,6 +261,24 @@ fn farm_builds_across_workers_and_daemons() {
         "base\nleft\nright\n"
     );
     assert!(r.placement(3).is_none(), "the unused stage is never built");
+    // Stage images are stored as layers: the base layer every stage image starts with
+    // is one blob, named by several records (uploaded once, fetched only where lacking).
+    let ls = Command::new(DBUILD)
+        .args(["cache", "ls", "--json", "--coordinator", &url])
+        .output()
+        .unwrap();
+    assert!(ls.status.success(), "{}", String::from_utf8_lossy(&ls.stderr));
+    let records: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+    let mut uses: std::collections::BTreeMap<String, usize> = Default::default();
+    for r in records.as_array().unwrap() {
+        for p in r["image_parts"].as_array().into_iter().flatten() {
+            *uses.entry(p["digest"].as_str().unwrap().to_string()).or_default() += 1;
+        }
+    }
+    assert!(
+        uses.values().any(|n| *n >= 2),
+        "no layer blob shared between stage images: {uses:?}"
+    );
 
     // A failing RUN names its stage and line and shows its output.
     let bad = write_ctx("FROM alpine:latest AS ok\nRUN true\nFROM alpine:latest AS broken\nRUN echo about to fail && exit 3\n");

@@ -55,8 +55,13 @@ pub struct StageRecord {
     pub name: String,
     /// The image id (the same on every daemon: it is the digest of its config).
     pub image_id: String,
-    /// The exported image, when a consumer needed it.
+    /// The exported image, when a consumer needed it: an `ImageParts/1` index (or, from
+    /// an older worker, a whole `docker save` archive).
     pub image: Option<BlobRef>,
+    /// The layer blobs the image index names (shared with other records that have the
+    /// same layers).
+    #[serde(default)]
+    pub image_parts: Vec<BlobRef>,
     /// Exported paths of the stage's filesystem.
     pub paths: BTreeMap<String, BlobRef>,
     /// Bytes this record accounts for: its blobs, or the image on the daemon when it has
@@ -80,7 +85,10 @@ pub struct StageRecord {
 
 impl StageRecord {
     fn blobs(&self) -> impl Iterator<Item = &BlobRef> {
-        self.image.iter().chain(self.paths.values())
+        self.image
+            .iter()
+            .chain(&self.image_parts)
+            .chain(self.paths.values())
     }
 
     /// Whether the record holds every artifact `need` names.
@@ -344,8 +352,12 @@ impl StageCache {
             return Ok(None);
         };
         let before = r.clone();
-        if r.image.as_ref().is_some_and(|b| !self.blob_ok(b)) {
+        // The image is usable only with its index and every layer it names.
+        if r.image.as_ref().is_some_and(|b| !self.blob_ok(b))
+            || r.image_parts.iter().any(|b| !self.blob_ok(b))
+        {
             r.image = None;
+            r.image_parts.clear();
         }
         r.paths.retain(|_, b| self.blob_ok(b));
         if r != before {
@@ -421,6 +433,7 @@ impl StageCache {
                     size: a.size,
                 };
                 if a.path.is_empty() {
+                    r.image_parts = self.parts_of(&b);
                     r.image = Some(b);
                 } else {
                     r.paths.insert(a.path.clone(), b);
@@ -433,6 +446,32 @@ impl StageCache {
         }
         drop(_g);
         self.enforce_cap()
+    }
+
+    /// The layer blobs an image index names (none for a whole-image archive).
+    fn parts_of(&self, image: &BlobRef) -> Vec<BlobRef> {
+        let Some(blobs) = &self.blobs else {
+            return Vec::new();
+        };
+        // An index is small; a whole archive is not read.
+        if image.size > 4 << 20 {
+            return Vec::new();
+        }
+        let Some(bytes) = BlobDigest::from_hex(&image.digest).and_then(|d| blobs.read(&d).ok())
+        else {
+            return Vec::new();
+        };
+        crate::image_parts::ImageParts::parse(&bytes)
+            .map(|p| {
+                p.layers
+                    .into_iter()
+                    .map(|l| BlobRef {
+                        digest: l.digest,
+                        size: l.size,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Records a stage a worker finished. `image_size` counts when the record has no

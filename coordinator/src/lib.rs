@@ -5,6 +5,7 @@ pub mod context;
 pub mod digest;
 pub mod explain;
 pub mod frontend;
+pub mod image_parts;
 pub mod keys;
 pub mod pool;
 pub mod scheduler;

@@ -182,6 +182,15 @@ impl WorkerPool {
         Some(rx)
     }
 
+    /// Ends every worker's task stream (the coordinator is shutting down).
+    pub fn detach_all(&self) {
+        let mut st = self.state.lock().unwrap();
+        for w in st.workers.values_mut() {
+            w.queue = None;
+        }
+        st.resolving.clear();
+    }
+
     /// Renews the worker's lease; returns the task ids it should stop.
     pub fn heartbeat(&self, worker: &str) -> Option<Vec<String>> {
         let mut st = self.state.lock().unwrap();

@@ -227,6 +227,23 @@ pub async fn submit(
     }
 }
 
+/// A blob's bytes from the coordinator's store (verified on receipt).
+async fn download(clients: &mut Clients, digest: &BlobDigest) -> anyhow::Result<Vec<u8>> {
+    let stream = clients
+        .content
+        .download_blob(DownloadBlobRequest {
+            digest: Some(pb_digest(digest)),
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))?
+        .into_inner();
+    let mut out = Vec::new();
+    receive_blob(stream, &mut out)
+        .await
+        .map_err(|e| anyhow::anyhow!("downloading the image: {}", e.message()))?;
+    Ok(out)
+}
+
 async fn deliver(
     clients: &mut Clients,
     args: &SubmitArgs,
@@ -238,18 +255,28 @@ async fn deliver(
         return Ok(());
     }
     let blob = blob.context("the coordinator did not export the final image")?;
-    let stream = clients
-        .content
-        .download_blob(DownloadBlobRequest {
-            digest: Some(pb_digest(&blob)),
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", e.message()))?
-        .into_inner();
-    let mut tar = Vec::new();
-    receive_blob(stream, &mut tar)
-        .await
-        .map_err(|e| anyhow::anyhow!("downloading the image: {}", e.message()))?;
+    let index = download(clients, &blob).await?;
+    // An image stored as parts comes back whole: its index, then every layer.
+    let tar = match coordinator::image_parts::ImageParts::parse(&index) {
+        None => index,
+        Some(parts) => {
+            let mut layers = Vec::with_capacity(parts.layers.len());
+            for l in &parts.layers {
+                let d = BlobDigest::from_hex(&l.digest).context("a bad layer digest")?;
+                layers.push(download(clients, &d).await?);
+            }
+            let mut layers = layers.into_iter();
+            let mut layer = |_: usize| -> std::io::Result<Option<Box<dyn std::io::Read>>> {
+                Ok(Some(Box::new(std::io::Cursor::new(
+                    layers.next().unwrap_or_default(),
+                ))))
+            };
+            let mut tar = Vec::new();
+            coordinator::image_parts::assemble(&parts, &mut layer, &mut tar)
+                .context("assembling the image")?;
+            tar
+        }
+    };
     match out {
         Output::Tar(dest) => {
             std::fs::write(dest, &tar).with_context(|| format!("writing {}", dest.display()))?

@@ -686,6 +686,15 @@ impl TaskCtx {
             let art = artifact(pb).map_err(|e| StageError::new(e.message().to_string()))?;
             by_key.entry(art.stage_key).or_default().push(art);
         }
+        // Images whose layers an imported stage image may start with: the task's pinned
+        // external images (loaded before) and the stage images it reads that are here.
+        let mut have: Vec<String> = a.base_images.iter().map(|b| b.id.clone()).collect();
+        if let TaskBase::Image { id, .. } = &task.base {
+            have.push(id.clone());
+        }
+        for k in by_key.keys() {
+            have.push(stage_image_tag(k));
+        }
         // Each stage's artifacts are imported at the same time (a docker load or import
         // each); then the task reads the path-only ones from the images made of them.
         let imports = by_key.into_iter().map(|(key, arts)| {
@@ -704,8 +713,9 @@ impl TaskCtx {
                     _ => None,
                 });
             let this = self.clone_for_import();
+            let have = have.clone();
             async move {
-                let made = this.import_stage(key, &arts, expected).await?;
+                let made = this.import_stage(key, &arts, expected, have).await?;
                 Ok::<_, StageError>((key, made))
             }
         });
@@ -759,6 +769,7 @@ impl TaskCtx {
         key: StageKey,
         arts: &[coordinator::pool::Artifact],
         expected: Option<String>,
+        have: Vec<String>,
     ) -> Result<Option<(String, String)>, StageError> {
         let held = match &expected {
             Some(id) => self.has_image(id).await,
@@ -768,14 +779,9 @@ impl TaskCtx {
             return Ok(None);
         }
         if let Some(img) = arts.iter().find(|a| a.path.is_empty()) {
-            let bytes = self.fetch_blob(&img.digest).await?;
-            let opts = ImportImageOptionsBuilder::default().quiet(true).build();
-            let mut s = self
-                .docker
-                .import_image(opts, bollard::body_full(bytes.into()), None);
-            while let Some(r) = s.next().await {
-                r.map_err(|e| StageError::new(format!("docker load of stage {key}: {e}")))?;
-            }
+            self.load_image_artifact(&img.digest, &have)
+                .await
+                .map_err(|e| StageError::new(format!("stage {key}: {}", e.message)))?;
             return Ok(None);
         }
         // Only paths: build an image holding just them, and read COPY --from there.
@@ -839,10 +845,7 @@ impl TaskCtx {
         let mut out = Vec::new();
         std::fs::create_dir_all(&self.scratch).map_err(|e| WorkerError::Io(e.to_string()))?;
         if a.export_image {
-            let saved = self.docker.export_image(&tag);
-            if let Some(art) = self.upload_stream(task, String::new(), saved).await? {
-                out.push(art);
-            }
+            out.push(self.export_image_parts(task, &tag).await?);
         }
         if !a.export_paths.is_empty() {
             let name = format!(
@@ -885,6 +888,124 @@ impl TaskCtx {
             result?;
         }
         Ok(out)
+    }
+
+    /// Exports the stage image as parts (coordinator::image_parts): each layer a blob,
+    /// uploaded only when the store lacks it (a base layer is stored once for every stage
+    /// built on it), and an index naming them, which is the artifact.
+    async fn export_image_parts(
+        &mut self,
+        task: &StageTask,
+        tag: &str,
+    ) -> Result<coordinator::pool::Artifact, WorkerError> {
+        let io = |e: std::io::Error| WorkerError::Io(e.to_string());
+        let archive = tempfile::NamedTempFile::new_in(&self.scratch).map_err(io)?;
+        let mut f = archive.reopen().map_err(io)?;
+        let mut stream = self.docker.export_image(tag);
+        while let Some(chunk) = stream.next().await {
+            let c = chunk.map_err(|e| WorkerError::Docker(e.to_string()))?;
+            f.write_all(&c).map_err(io)?;
+        }
+        f.flush().map_err(io)?;
+        let (path, scratch) = (archive.path().to_path_buf(), self.scratch.clone());
+        let saved = tokio::task::spawn_blocking(move || {
+            coordinator::image_parts::split_saved(&path, &scratch)
+        })
+        .await
+        .map_err(|e| WorkerError::Io(e.to_string()))?
+        .map_err(|e| WorkerError::Io(format!("splitting the saved image {tag}: {e}")))?;
+        drop(archive);
+        let mut layers = Vec::with_capacity(saved.layers.len());
+        for (diff_id, file) in &saved.layers {
+            let (d, size) = upload_file(&mut self.clients.content, file.path()).await?;
+            layers.push(coordinator::image_parts::LayerPart {
+                diff_id: diff_id.clone(),
+                digest: d.to_hex(),
+                size,
+            });
+        }
+        let index = coordinator::image_parts::ImageParts {
+            kind: coordinator::image_parts::KIND.into(),
+            config: saved.config,
+            repo_tags: saved.repo_tags,
+            layers,
+        };
+        let file = tempfile::NamedTempFile::new_in(&self.scratch).map_err(io)?;
+        std::fs::write(file.path(), index.to_json()).map_err(io)?;
+        let (d, size) = upload_file(&mut self.clients.content, file.path()).await?;
+        Ok(coordinator::pool::Artifact {
+            stage_key: task.key,
+            path: String::new(),
+            digest: d.to_hex(),
+            size,
+        })
+    }
+
+    /// Loads an image artifact: a whole `docker save` archive, or an index of parts, of
+    /// which only the layers this daemon lacks are fetched (`have`: images whose layers
+    /// it holds, to find the longest layer chain it has).
+    async fn load_image_artifact(
+        &mut self,
+        digest: &str,
+        have: &[String],
+    ) -> Result<(), StageError> {
+        let bytes = self.fetch_blob(digest).await?;
+        let Some(parts) = coordinator::image_parts::ImageParts::parse(&bytes) else {
+            return self.docker_load(bytes).await;
+        };
+        let wanted = parts.diff_ids();
+        let mut present = 0;
+        for image in have {
+            let layers = self
+                .docker
+                .inspect_image(image)
+                .await
+                .ok()
+                .and_then(|i| i.root_fs)
+                .and_then(|r| r.layers)
+                .unwrap_or_default();
+            let common = layers
+                .iter()
+                .zip(&wanted)
+                .take_while(|(a, b)| a == b)
+                .count();
+            present = present.max(common);
+        }
+        // First without the layers the daemon should have; if it lacks one after all,
+        // once more with every layer.
+        for skip in [present, 0] {
+            let mut blobs = Vec::new();
+            for l in &parts.layers[skip..] {
+                blobs.push(self.fetch_blob(&l.digest).await?);
+            }
+            let mut blobs = blobs.into_iter();
+            let mut archive = Vec::new();
+            let mut layer = |i: usize| -> std::io::Result<Option<Box<dyn Read>>> {
+                Ok((i >= skip).then(|| {
+                    Box::new(std::io::Cursor::new(blobs.next().unwrap_or_default()))
+                        as Box<dyn Read>
+                }))
+            };
+            coordinator::image_parts::assemble(&parts, &mut layer, &mut archive)
+                .map_err(|e| StageError::new(format!("assembling image {digest}: {e}")))?;
+            match self.docker_load(archive).await {
+                Ok(()) => return Ok(()),
+                Err(e) if skip == 0 => return Err(e),
+                Err(e) => tracing::debug!(error = %e.message, "load without the layers the daemon should have failed; sending all"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn docker_load(&self, archive: Vec<u8>) -> Result<(), StageError> {
+        let opts = ImportImageOptionsBuilder::default().quiet(true).build();
+        let mut s = self
+            .docker
+            .import_image(opts, bollard::body_full(archive.into()), None);
+        while let Some(r) = s.next().await {
+            r.map_err(|e| StageError::new(format!("docker load: {e}")))?;
+        }
+        Ok(())
     }
 
     /// Spools a Docker byte stream to a scratch file and uploads it as the artifact `path`

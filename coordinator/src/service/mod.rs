@@ -58,6 +58,13 @@ pub async fn serve(
         }
     });
     let (a1, a2, a3, a4) = (auth.clone(), auth.clone(), auth.clone(), auth);
+    // Graceful shutdown waits for open streams: end the workers' task streams (they
+    // reconnect to the next coordinator) so it does not wait for their leases.
+    let closing = Arc::clone(&pool);
+    let shutdown = async move {
+        shutdown.await;
+        closing.detach_all();
+    };
     tonic::transport::Server::builder()
         .add_service(BuildServiceServer::with_interceptor(
             BuildServer::new(Arc::clone(&pool), blobs.clone(), data_dir.join("locks")),
@@ -68,7 +75,7 @@ pub async fn serve(
             move |r| a2.check(r),
         ))
         .add_service(WorkerServiceServer::with_interceptor(
-            WorkerServer::new(pool),
+            WorkerServer::new(Arc::clone(&pool)),
             move |r| a3.check(r),
         ))
         .add_service(CacheServiceServer::with_interceptor(
