@@ -100,7 +100,7 @@ pub fn split_saved(archive: &Path, scratch: &Path) -> io::Result<SavedImage> {
                     let resolved = if entry.header().entry_type() == tar::EntryType::Link {
                         target
                     } else {
-                        normalize(&format!("{dir}/{target}"))
+                        crate::keys::clean_source(&format!("{dir}/{target}"))
                     };
                     links.insert(path, resolved);
                 }
@@ -161,20 +161,6 @@ pub fn split_saved(archive: &Path, scratch: &Path) -> io::Result<SavedImage> {
         repo_tags: m.repo_tags.unwrap_or_default(),
         layers,
     })
-}
-
-fn normalize(p: &str) -> String {
-    let mut out: Vec<&str> = Vec::new();
-    for part in p.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => {
-                out.pop();
-            }
-            x => out.push(x),
-        }
-    }
-    out.join("/")
 }
 
 /// Writes a `docker load` archive of the image: config, manifest, and the layer tars

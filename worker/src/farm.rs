@@ -526,18 +526,24 @@ impl TaskCtx {
         }
     }
 
-    /// `docker save` of an image into the store.
-    async fn upload_image(&mut self, id: &str) -> Result<BaseImage, WorkerError> {
+    /// `docker save` of an image into a scratch file.
+    async fn save_image(&self, image: &str) -> Result<tempfile::NamedTempFile, WorkerError> {
         let io = |e: std::io::Error| WorkerError::Io(e.to_string());
         std::fs::create_dir_all(&self.scratch).map_err(io)?;
         let file = tempfile::NamedTempFile::new_in(&self.scratch).map_err(io)?;
         let mut f = file.reopen().map_err(io)?;
-        let mut stream = self.docker.export_image(id);
+        let mut stream = self.docker.export_image(image);
         while let Some(chunk) = stream.next().await {
             let c = chunk.map_err(|e| WorkerError::Docker(e.to_string()))?;
             f.write_all(&c).map_err(io)?;
         }
         f.flush().map_err(io)?;
+        Ok(file)
+    }
+
+    /// `docker save` of an image into the store.
+    async fn upload_image(&mut self, id: &str) -> Result<BaseImage, WorkerError> {
+        let file = self.save_image(id).await?;
         let (d, size) = upload_file(&mut self.clients.content, file.path()).await?;
         Ok(BaseImage {
             id: id.to_string(),
@@ -899,14 +905,7 @@ impl TaskCtx {
         tag: &str,
     ) -> Result<coordinator::pool::Artifact, WorkerError> {
         let io = |e: std::io::Error| WorkerError::Io(e.to_string());
-        let archive = tempfile::NamedTempFile::new_in(&self.scratch).map_err(io)?;
-        let mut f = archive.reopen().map_err(io)?;
-        let mut stream = self.docker.export_image(tag);
-        while let Some(chunk) = stream.next().await {
-            let c = chunk.map_err(|e| WorkerError::Docker(e.to_string()))?;
-            f.write_all(&c).map_err(io)?;
-        }
-        f.flush().map_err(io)?;
+        let archive = self.save_image(tag).await?;
         let (path, scratch) = (archive.path().to_path_buf(), self.scratch.clone());
         let saved = tokio::task::spawn_blocking(move || {
             coordinator::image_parts::split_saved(&path, &scratch)
@@ -956,14 +955,7 @@ impl TaskCtx {
         let wanted = parts.diff_ids();
         let mut present = 0;
         for image in have {
-            let layers = self
-                .docker
-                .inspect_image(image)
-                .await
-                .ok()
-                .and_then(|i| i.root_fs)
-                .and_then(|r| r.layers)
-                .unwrap_or_default();
+            let layers = crate::image_cap::image_layers(&self.docker, image).await;
             let common = layers
                 .iter()
                 .zip(&wanted)

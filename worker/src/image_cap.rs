@@ -26,6 +26,17 @@ pub struct CapReport {
     pub bytes_freed: u64,
 }
 
+/// An image's layer diff ids, in order (none when the daemon lacks it).
+pub async fn image_layers(docker: &Docker, image: &str) -> Vec<String> {
+    docker
+        .inspect_image(image)
+        .await
+        .ok()
+        .and_then(|i| i.root_fs)
+        .and_then(|r| r.layers)
+        .unwrap_or_default()
+}
+
 /// One of dbuild's images, as the cap weighs it.
 struct Candidate {
     /// Last use; `None` while a running task uses it (never evicted then).
@@ -217,14 +228,7 @@ impl ImageCap {
         if let Some(l) = self.layers.lock().unwrap().get(id) {
             return l.clone();
         }
-        let l = self
-            .docker
-            .inspect_image(id)
-            .await
-            .ok()
-            .and_then(|i| i.root_fs)
-            .and_then(|r| r.layers)
-            .unwrap_or_default();
+        let l = image_layers(&self.docker, id).await;
         self.layers
             .lock()
             .unwrap()
