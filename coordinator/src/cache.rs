@@ -175,6 +175,60 @@ pub struct PruneReport {
     pub unreferenced_removed: u64,
 }
 
+/// What records occupy: with a blob store, the distinct blobs they name (counted by the
+/// records naming each); without one (the embedded cache), each record's image size.
+struct BlobRefs {
+    with_blobs: bool,
+    count: BTreeMap<String, (usize, u64)>,
+    total: u64,
+}
+
+impl BlobRefs {
+    fn of(with_blobs: bool, records: &[StageRecord]) -> Self {
+        let mut refs = BlobRefs {
+            with_blobs,
+            count: BTreeMap::new(),
+            total: 0,
+        };
+        for r in records {
+            if !with_blobs {
+                refs.total += r.size;
+                continue;
+            }
+            for b in Self::distinct(r) {
+                let e = refs.count.entry(b.digest.clone()).or_insert((0, b.size));
+                if e.0 == 0 {
+                    refs.total += b.size;
+                }
+                e.0 += 1;
+            }
+        }
+        refs
+    }
+
+    fn distinct(r: &StageRecord) -> Vec<&BlobRef> {
+        let mut seen = BTreeSet::new();
+        r.blobs().filter(|b| seen.insert(&b.digest)).collect()
+    }
+
+    /// Drops a record's references; returns the bytes no other record still names.
+    fn release(&mut self, r: &StageRecord) -> u64 {
+        if !self.with_blobs {
+            return r.size;
+        }
+        let mut freed = 0;
+        for b in Self::distinct(r) {
+            if let Some(e) = self.count.get_mut(&b.digest) {
+                e.0 -= 1;
+                if e.0 == 0 {
+                    freed += e.1;
+                }
+            }
+        }
+        freed
+    }
+}
+
 /// How long a blob no record names is kept: a client uploads a context before it submits,
 /// and the build names its blobs only once submitted.
 pub const UNREFERENCED_GRACE: Duration = Duration::from_secs(3600);
@@ -552,7 +606,7 @@ impl StageCache {
         let list = self.list()?;
         Ok(CacheStats {
             entries: list.len() as u64,
-            bytes: list.iter().map(|r| r.size).sum(),
+            bytes: BlobRefs::of(self.blobs.is_some(), &list).total,
             hits: self.counter(HITS)?,
             misses: self.counter(MISSES)?,
             bytes_saved: self.counter(BYTES_SAVED)?,
@@ -592,7 +646,10 @@ impl StageCache {
         let mut list = self.list()?;
         // Oldest last use first.
         list.reverse();
-        let mut total: u64 = list.iter().map(|r| r.size).sum();
+        // With a blob store, bytes are those of the distinct blobs the records name (a
+        // layer several stage images share counts once, and is freed with the last).
+        let mut refs = BlobRefs::of(self.blobs.is_some(), &list);
+        let mut total = refs.total;
         let now = now_ms();
         let mut report = PruneReport::default();
         let mut keep = Vec::new();
@@ -602,9 +659,10 @@ impl StageCache {
                 .is_some_and(|d| now.saturating_sub(r.last_used_ms) >= d.as_millis() as u64);
             let over = opts.keep_bytes.is_some_and(|k| total > k);
             if opts.all || old || over {
-                total -= r.size;
+                let freed = refs.release(&r);
+                total -= freed;
                 self.index.remove(Tree::Stages, r.key.as_bytes())?;
-                report.bytes_freed += r.size;
+                report.bytes_freed += freed;
                 report.removed.push(r);
             } else {
                 keep.push(r);

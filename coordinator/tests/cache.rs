@@ -120,3 +120,54 @@ fn a_rebuild_to_another_image_drops_the_old_contents() {
         .unwrap();
     assert_eq!(cache.get(&key).unwrap().unwrap().contents.len(), 1);
 }
+
+/// A blob several records name (a base layer of several stage images) counts once, and is
+/// freed only with the last record naming it: the cap evicts no more than it must.
+#[test]
+fn shared_blobs_count_once_in_sizes_and_pruning() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(StageCache::open(dir.path(), true).unwrap());
+    let blobs: BlobStore = cache.blobs().unwrap().clone();
+    let shared = blobs.put(&[7u8; 100]).unwrap();
+    let only_a = blobs.put(&[1u8; 10]).unwrap();
+    let only_b = blobs.put(&[2u8; 20]).unwrap();
+    let record = |key: StageKey, own: &coordinator::digest::BlobDigest, size: u64| {
+        let art = |path: &str, d: &coordinator::digest::BlobDigest, size: u64| Artifact {
+            stage_key: key,
+            path: path.into(),
+            digest: d.to_hex(),
+            size,
+        };
+        cache
+            .add_artifacts(&[art("/shared", &shared, 100), art("/own", own, size)], "w")
+            .unwrap();
+        cache
+            .stage_built(&Built {
+                key: &key,
+                name: "s",
+                image_id: "sha256:x",
+                image_size: 0,
+                duration: Duration::ZERO,
+                worker: "w",
+                tags: &[],
+                contents: &Default::default(),
+            })
+            .unwrap();
+    };
+    let (a, b) = (StageKey([3; 32]), StageKey([4; 32]));
+    record(a, &only_a, 10);
+    std::thread::sleep(Duration::from_millis(5));
+    record(b, &only_b, 20);
+    assert_eq!(cache.stats().unwrap().bytes, 130);
+    let report = cache
+        .prune(&PruneOptions {
+            keep_bytes: Some(125),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(report.removed.len(), 1, "only the least recently used goes");
+    assert_eq!(report.bytes_freed, 10);
+    assert!(cache.get(&a).unwrap().is_none() && cache.get(&b).unwrap().is_some());
+    assert!(blobs.contains(&shared) && !blobs.contains(&only_a));
+    assert_eq!(cache.stats().unwrap().bytes, 120);
+}
