@@ -251,6 +251,25 @@ fn farm_builds_across_workers_and_daemons() {
         format!("a-{n}\nb-{n}\n", n = std::process::id())
     );
 
+    // COPY --from a path that is a symlink copies what it points to, across daemons too.
+    let links = write_ctx(&format!(
+        "FROM alpine:latest AS a\nRUN mkdir /real && echo a-{n} > /real/f && ln -s /real/f /link && sleep 2\n         FROM alpine:latest AS b\nRUN mkdir /real && echo b-{n} > /real/f && ln -s real /dir && sleep 2\n         FROM alpine:latest\nCOPY --from=a /link /a\nCOPY --from=b /dir /b/\n",
+        n = std::process::id()
+    ));
+    let t = tag("links");
+    let r = submit(&url, links.path(), &["-t", &t], &client);
+    assert!(r.ok, "{}", r.stderr);
+    let placed: Vec<String> = (0..2).filter_map(|s| r.placement(s)).collect();
+    assert!(
+        placed.contains(&"w1".into()) && placed.contains(&"w2".into()),
+        "placement {placed:?}"
+    );
+    assert_eq!(
+        run_image(&t, &["cat", "/a", "/b/f"]),
+        format!("a-{n}\nb-{n}\n", n = std::process::id())
+    );
+    let _ = docker("unix:///var/run/docker.sock", &["rmi", &t]);
+
     // A diamond (FROM a stage, COPY --from another), and a failing stage nobody needs.
     let t = tag("diamond");
     let diamond = write_ctx("FROM alpine:latest AS base\nRUN echo base > /base\nFROM base AS left\nRUN echo left > /left\nFROM base AS right\nRUN echo right > /right\nFROM alpine:latest AS unused\nRUN false\nFROM left AS final\nCOPY --from=right /right /right\n");

@@ -796,7 +796,7 @@ impl TaskCtx {
             let mut rootfs = tar::Builder::new(Vec::new());
             for art in arts {
                 let bytes = self.fetch_blob(&art.digest).await?;
-                reprefix(&mut rootfs, &bytes, parent_of(&art.path))
+                reprefix(&mut rootfs, &bytes, parent_of(&art.path), base_of(&art.path))
                     .map_err(|e| StageError::new(format!("artifact {}: {e}", art.path)))?;
             }
             let tar = rootfs
@@ -871,8 +871,15 @@ impl TaskCtx {
                 .map_err(|e| WorkerError::Docker(e.to_string()))?;
             let mut result = Ok(());
             for p in &a.export_paths {
+                // What COPY --from reads: a symlink's target (the archive keeps the
+                // target's name; the importer names it back after `p`).
+                let real = self
+                    .executor
+                    .resolve_path(&name, p)
+                    .await
+                    .unwrap_or_else(|_| p.clone());
                 let opts = DownloadFromContainerOptionsBuilder::default()
-                    .path(p)
+                    .path(&real)
                     .build();
                 let tar = self.docker.download_from_container(&name, Some(opts));
                 match self.upload_stream(task, p.clone(), tar).await {
@@ -1040,11 +1047,30 @@ fn parent_of(path: &str) -> String {
 
 /// Copies the entries of a `download_from_container` tar (named from the path's basename)
 /// into `out` under `prefix`, keeping modes, owners and link targets, adding the parents.
+/// The last component of a path (`/a/b` → `b`).
+fn base_of(path: &str) -> &str {
+    path.trim_end_matches('/').rsplit('/').next().unwrap_or("")
+}
+
+/// Copies an archive of one path (its root entry first) into `out` below `prefix`, with
+/// the root named `root` (an exported symlink's target arrives under its own name).
 fn reprefix(
     out: &mut tar::Builder<Vec<u8>>,
     archive: &[u8],
     prefix: String,
+    root: &str,
 ) -> std::io::Result<()> {
+    let mut first: Option<String> = None;
+    let rename = |name: &str, first: &str| -> String {
+        if root.is_empty() || first.is_empty() {
+            return name.to_string();
+        }
+        match name.strip_prefix(first) {
+            Some("") => root.to_string(),
+            Some(rest) if rest.starts_with('/') => format!("{root}{rest}"),
+            _ => name.to_string(),
+        }
+    };
     let mut made = String::new();
     for part in prefix.split('/').filter(|p| !p.is_empty()) {
         made = if made.is_empty() {
@@ -1062,6 +1088,10 @@ fn reprefix(
     for entry in a.entries()? {
         let mut e = entry?;
         let name = e.path()?.to_string_lossy().into_owned();
+        let first = first
+            .get_or_insert_with(|| name.trim_end_matches('/').to_string())
+            .clone();
+        let name = rename(&name, &first);
         let full = if prefix.is_empty() {
             name
         } else {
@@ -1073,7 +1103,7 @@ fn reprefix(
         match (e.header().entry_type(), e.link_name()?) {
             // Hard links name another entry of the same archive: move them along.
             (tar::EntryType::Link, Some(target)) => {
-                let t = target.to_string_lossy().into_owned();
+                let t = rename(&target.to_string_lossy(), &first);
                 let t = if prefix.is_empty() {
                     t
                 } else {
@@ -1100,5 +1130,30 @@ mod tests {
         assert_eq!(parent_of("/go/src/app"), "go/src");
         assert_eq!(parent_of("/app"), "");
         assert_eq!(parent_of("/out/"), "");
+    }
+
+    /// An exported symlink's target arrives under its own name and is named back.
+    #[test]
+    fn reprefix_names_the_root_after_the_exported_path() {
+        let mut src = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        src.append_data(&mut h, "real/", std::io::empty()).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(2);
+        src.append_data(&mut h, "real/f", &b"hi"[..]).unwrap();
+        let archive = src.into_inner().unwrap();
+        let mut out = tar::Builder::new(Vec::new());
+        reprefix(&mut out, &archive, "opt".into(), base_of("/opt/dir")).unwrap();
+        let bytes = out.into_inner().unwrap();
+        let names: Vec<String> = tar::Archive::new(&bytes[..])
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["opt/", "opt/dir/", "opt/dir/f"]);
     }
 }

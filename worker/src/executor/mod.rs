@@ -75,6 +75,12 @@ impl DockerExecutor {
         self
     }
 
+    /// `path` in `container` with symlinks followed, as COPY follows a source that is
+    /// one (the archive API would hand over the link itself).
+    pub async fn resolve_path(&self, container: &str, path: &str) -> Result<String, StageError> {
+        self.resolve_link(container, path).await
+    }
+
     /// The daemon connection (for tests and tools).
     pub fn docker(&self) -> &Docker {
         &self.daemon.docker

@@ -242,7 +242,11 @@ impl DockerExecutor {
         Ok(out)
     }
 
-    async fn resolve_link(&self, container: &str, path: &str) -> Result<String, StageError> {
+    pub(super) async fn resolve_link(
+        &self,
+        container: &str,
+        path: &str,
+    ) -> Result<String, StageError> {
         let mut p = path.to_string();
         for _ in 0..16 {
             match self.daemon.stat(container, &p).await? {
