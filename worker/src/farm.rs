@@ -563,14 +563,10 @@ impl TaskCtx {
                 .as_ref()
                 .map(|d| d.hex.clone())
                 .unwrap_or_default();
-            let bytes = self.fetch_blob(&digest).await?;
-            let opts = ImportImageOptionsBuilder::default().quiet(true).build();
-            let mut s = self
-                .docker
-                .import_image(opts, bollard::body_full(bytes.into()), None);
-            while let Some(r) = s.next().await {
-                r.map_err(|e| StageError::new(format!("docker load of image {}: {e}", img.id)))?;
-            }
+            let file = self.fetch_blob_file(&digest).await?;
+            self.docker_load(file)
+                .await
+                .map_err(|e| StageError::new(format!("image {}: {}", img.id, e.message)))?;
             if !self.has_image(&img.id).await {
                 return Err(StageError::new(format!(
                     "the store's copy of image {} loaded as another image",
@@ -825,6 +821,21 @@ impl TaskCtx {
         Ok(Some((reference, id)))
     }
 
+    /// A blob as a file of the local blob cache (downloaded if missing, checked), for
+    /// blobs too large to hold in memory (images, layers).
+    async fn fetch_blob_file(&mut self, digest_hex: &str) -> Result<std::fs::File, StageError> {
+        let d = BlobDigest::from_hex(digest_hex)
+            .ok_or_else(|| StageError::new(format!("bad blob digest {digest_hex:?}")))?;
+        download_to(&mut self.clients.content, &self.blobs, &d)
+            .await
+            .map_err(|e| StageError::new(e.to_string()))?;
+        let blobs = self.blobs.clone();
+        tokio::task::spawn_blocking(move || blobs.open_verified(&d))
+            .await
+            .map_err(|e| StageError::new(e.to_string()))?
+            .map_err(|e| StageError::new(e.to_string()))
+    }
+
     /// An artifact's bytes: downloaded into the local blob cache if missing, read verified.
     async fn fetch_blob(&mut self, digest_hex: &str) -> Result<Vec<u8>, StageError> {
         let d = BlobDigest::from_hex(digest_hex)
@@ -955,9 +966,19 @@ impl TaskCtx {
         digest: &str,
         have: &[String],
     ) -> Result<(), StageError> {
-        let bytes = self.fetch_blob(digest).await?;
-        let Some(parts) = coordinator::image_parts::ImageParts::parse(&bytes) else {
-            return self.docker_load(bytes).await;
+        let index_size = BlobDigest::from_hex(digest)
+            .and_then(|d| self.blobs.size(&d))
+            .unwrap_or(0);
+        // An index is small; anything larger is a whole archive, streamed to the daemon.
+        let parts = if index_size > 4 << 20 {
+            None
+        } else {
+            let bytes = self.fetch_blob(digest).await?;
+            coordinator::image_parts::ImageParts::parse(&bytes)
+        };
+        let Some(parts) = parts else {
+            let file = self.fetch_blob_file(digest).await?;
+            return self.docker_load(file).await;
         };
         let wanted = parts.diff_ids();
         let mut present = 0;
@@ -973,20 +994,31 @@ impl TaskCtx {
         // First without the layers the daemon should have; if it lacks one after all,
         // once more with every layer.
         for skip in [present, 0] {
-            let mut blobs = Vec::new();
+            // Layers are read from the local blob cache as files, never held in memory.
+            let mut files = Vec::new();
             for l in &parts.layers[skip..] {
-                blobs.push(self.fetch_blob(&l.digest).await?);
+                files.push(self.fetch_blob_file(&l.digest).await?);
             }
-            let mut blobs = blobs.into_iter();
-            let mut archive = Vec::new();
+            let mut files = files.into_iter();
+            let archive = tempfile::tempfile_in(&self.scratch)
+                .or_else(|_| tempfile::tempfile())
+                .map_err(|e| StageError::new(e.to_string()))?;
             let mut layer = |i: usize| -> std::io::Result<Option<Box<dyn Read>>> {
-                Ok((i >= skip).then(|| {
-                    Box::new(std::io::Cursor::new(blobs.next().unwrap_or_default()))
-                        as Box<dyn Read>
-                }))
+                Ok(if i >= skip {
+                    files.next().map(|f| Box::new(f) as Box<dyn Read>)
+                } else {
+                    None
+                })
             };
-            coordinator::image_parts::assemble(&parts, &mut layer, &mut archive)
+            let mut w = std::io::BufWriter::new(&archive);
+            coordinator::image_parts::assemble(&parts, &mut layer, &mut w)
                 .map_err(|e| StageError::new(format!("assembling image {digest}: {e}")))?;
+            drop(w);
+            use std::io::Seek;
+            let mut archive = archive;
+            archive
+                .seek(std::io::SeekFrom::Start(0))
+                .map_err(|e| StageError::new(e.to_string()))?;
             match self.docker_load(archive).await {
                 Ok(()) => return Ok(()),
                 Err(e) if skip == 0 => return Err(e),
@@ -996,11 +1028,26 @@ impl TaskCtx {
         Ok(())
     }
 
-    async fn docker_load(&self, archive: Vec<u8>) -> Result<(), StageError> {
+    /// `docker load` of an archive file, streamed.
+    async fn docker_load(&self, archive: std::fs::File) -> Result<(), StageError> {
+        let file = tokio::fs::File::from_std(archive);
+        let chunks = futures::stream::unfold(Some(file), |f| async move {
+            use tokio::io::AsyncReadExt;
+            let mut f = f?;
+            let mut buf = vec![0u8; 1 << 20];
+            match f.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(bytes::Bytes::from(buf)), Some(f)))
+                }
+                Err(e) => Some((Err(e), None)),
+            }
+        });
         let opts = ImportImageOptionsBuilder::default().quiet(true).build();
         let mut s = self
             .docker
-            .import_image(opts, bollard::body_full(archive.into()), None);
+            .import_image(opts, bollard::body_try_stream(chunks), None);
         while let Some(r) = s.next().await {
             r.map_err(|e| StageError::new(format!("docker load: {e}")))?;
         }

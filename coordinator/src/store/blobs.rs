@@ -116,6 +116,16 @@ impl BlobStore {
         Ok(v)
     }
 
+    /// A stored blob to read from, checked first (a corrupt one is deleted): for blobs too
+    /// large to hold in memory. Blobs are immutable once stored.
+    pub fn open_verified(&self, d: &BlobDigest) -> Result<fs::File, StoreError> {
+        self.verify(d)?;
+        fs::File::open(self.path(d)).map_err(|source| StoreError::BlobIo {
+            digest: d.to_hex(),
+            source,
+        })
+    }
+
     /// Checks a blob without keeping its bytes; a corrupt one is deleted.
     pub fn verify(&self, d: &BlobDigest) -> Result<(), StoreError> {
         self.copy_to(d, &mut io::sink()).map(|_| ())
