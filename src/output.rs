@@ -58,16 +58,11 @@ pub async fn connect(host: Option<&str>) -> anyhow::Result<Docker> {
         .context("negotiating the Docker API version (is the daemon running?)")
 }
 
-/// `docker load` of an image archive.
-pub async fn load(docker: &Docker, tar: Vec<u8>) -> anyhow::Result<()> {
-    let opts = bollard::query_parameters::ImportImageOptionsBuilder::default()
-        .quiet(true)
-        .build();
-    let mut s = docker.import_image(opts, bollard::body_full(tar.into()), None);
-    while let Some(r) = s.next().await {
-        r.context("loading the image into the local daemon")?;
-    }
-    Ok(())
+/// `docker load` of an image archive in a file, streamed.
+pub async fn load_file(docker: &Docker, archive: std::fs::File) -> anyhow::Result<()> {
+    worker::farm::docker_load_file(docker, archive)
+        .await
+        .context("loading the image into the local daemon")
 }
 
 /// Splits `name[:tag]` (a `:` inside the registry host is not a tag).

@@ -166,6 +166,22 @@ fn farm_builds_across_workers_and_daemons() {
     let r = submit(&url, &ex, &["-t", &t], &client);
     assert!(r.ok, "{}", r.stderr);
     assert_eq!(run_image(&t, &[]).trim(), "{\"external\":0,\"internal\":0}");
+    // The same image as a docker-load archive, reassembled by the client from its layers.
+    let archive = data.path().join("href.tar");
+    let dest = format!("type=tar,dest={}", archive.display());
+    let r = submit(&url, &ex, &["--output", &dest], &client);
+    assert!(r.ok, "{}", r.stderr);
+    let loaded = Command::new("docker")
+        .arg("load")
+        .arg("-i")
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(
+        loaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
     for (file, extra) in [
         ("Dockerfile.from-index", vec![]),
         ("Dockerfile.external", vec![]),

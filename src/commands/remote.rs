@@ -227,8 +227,12 @@ pub async fn submit(
     }
 }
 
-/// A blob's bytes from the coordinator's store (verified on receipt).
-async fn download(clients: &mut Clients, digest: &BlobDigest) -> anyhow::Result<Vec<u8>> {
+/// A blob from the coordinator's store (verified on receipt) into `out`.
+async fn download(
+    clients: &mut Clients,
+    digest: &BlobDigest,
+    out: &mut (dyn std::io::Write + Send),
+) -> anyhow::Result<()> {
     let stream = clients
         .content
         .download_blob(DownloadBlobRequest {
@@ -237,11 +241,19 @@ async fn download(clients: &mut Clients, digest: &BlobDigest) -> anyhow::Result<
         .await
         .map_err(|e| anyhow::anyhow!("{}", e.message()))?
         .into_inner();
-    let mut out = Vec::new();
-    receive_blob(stream, &mut out)
+    receive_blob(stream, out)
         .await
         .map_err(|e| anyhow::anyhow!("downloading the image: {}", e.message()))?;
-    Ok(out)
+    Ok(())
+}
+
+/// A blob into an anonymous temporary file, rewound (images and layers can be large).
+async fn download_file(clients: &mut Clients, digest: &BlobDigest) -> anyhow::Result<std::fs::File> {
+    use std::io::Seek;
+    let mut f = tempfile::tempfile().context("a temporary file for the image")?;
+    download(clients, digest, &mut f).await?;
+    f.seek(std::io::SeekFrom::Start(0))?;
+    Ok(f)
 }
 
 async fn deliver(
@@ -255,35 +267,52 @@ async fn deliver(
         return Ok(());
     }
     let blob = blob.context("the coordinator did not export the final image")?;
-    let index = download(clients, &blob).await?;
-    // An image stored as parts comes back whole: its index, then every layer.
-    let tar = match coordinator::image_parts::ImageParts::parse(&index) {
-        None => index,
+    let mut first = download_file(clients, &blob).await?;
+    // An image stored as parts comes back whole: its index, then every layer, assembled
+    // in a temporary file (never in memory).
+    let mut head = Vec::new();
+    {
+        use std::io::Read;
+        (&mut first).take(4 << 20).read_to_end(&mut head)?;
+    }
+    let mut tar = match coordinator::image_parts::ImageParts::parse(&head) {
+        None => {
+            use std::io::Seek;
+            first.seek(std::io::SeekFrom::Start(0))?;
+            first
+        }
         Some(parts) => {
             let mut layers = Vec::with_capacity(parts.layers.len());
             for l in &parts.layers {
                 let d = BlobDigest::from_hex(&l.digest).context("a bad layer digest")?;
-                layers.push(download(clients, &d).await?);
+                layers.push(download_file(clients, &d).await?);
             }
             let mut layers = layers.into_iter();
             let mut layer = |_: usize| -> std::io::Result<Option<Box<dyn std::io::Read>>> {
-                Ok(Some(Box::new(std::io::Cursor::new(
-                    layers.next().unwrap_or_default(),
-                ))))
+                Ok(layers.next().map(|f| Box::new(f) as Box<dyn std::io::Read>))
             };
-            let mut tar = Vec::new();
-            coordinator::image_parts::assemble(&parts, &mut layer, &mut tar)
-                .context("assembling the image")?;
+            let mut tar = tempfile::tempfile().context("a temporary file for the image")?;
+            coordinator::image_parts::assemble(
+                &parts,
+                &mut layer,
+                std::io::BufWriter::new(&mut tar),
+            )
+            .context("assembling the image")?;
+            use std::io::Seek;
+            tar.seek(std::io::SeekFrom::Start(0))?;
             tar
         }
     };
     match out {
         Output::Tar(dest) => {
-            std::fs::write(dest, &tar).with_context(|| format!("writing {}", dest.display()))?
+            let mut f = std::fs::File::create(dest)
+                .with_context(|| format!("writing {}", dest.display()))?;
+            std::io::copy(&mut tar, &mut f)
+                .with_context(|| format!("writing {}", dest.display()))?;
         }
         Output::Docker => {
             let docker = output::connect(args.docker_host.as_deref()).await?;
-            output::load(&docker, tar).await?;
+            output::load_file(&docker, tar).await?;
             if let Some(id) = &image_id {
                 output::deliver(args.docker_host.as_deref(), out, id, &args.tags).await?;
             }

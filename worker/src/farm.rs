@@ -437,6 +437,33 @@ fn enforce_cap(cap: Arc<crate::image_cap::ImageCap>) {
     });
 }
 
+/// `docker load` of an archive file, streamed in 1 MiB chunks (never held in memory).
+pub async fn docker_load_file(
+    docker: &Docker,
+    archive: std::fs::File,
+) -> Result<(), bollard::errors::Error> {
+    let file = tokio::fs::File::from_std(archive);
+    let chunks = futures::stream::unfold(Some(file), |f| async move {
+        use tokio::io::AsyncReadExt;
+        let mut f = f?;
+        let mut buf = vec![0u8; 1 << 20];
+        match f.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(bytes::Bytes::from(buf)), Some(f)))
+            }
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    let opts = ImportImageOptionsBuilder::default().quiet(true).build();
+    let mut s = docker.import_image(opts, bollard::body_try_stream(chunks), None);
+    while let Some(r) = s.next().await {
+        r?;
+    }
+    Ok(())
+}
+
 /// Connects to the worker's daemon at a version it speaks.
 pub async fn connect_docker(host: Option<&str>) -> Result<Docker, WorkerError> {
     let d = match host {
@@ -1030,28 +1057,9 @@ impl TaskCtx {
 
     /// `docker load` of an archive file, streamed.
     async fn docker_load(&self, archive: std::fs::File) -> Result<(), StageError> {
-        let file = tokio::fs::File::from_std(archive);
-        let chunks = futures::stream::unfold(Some(file), |f| async move {
-            use tokio::io::AsyncReadExt;
-            let mut f = f?;
-            let mut buf = vec![0u8; 1 << 20];
-            match f.read(&mut buf).await {
-                Ok(0) => None,
-                Ok(n) => {
-                    buf.truncate(n);
-                    Some((Ok(bytes::Bytes::from(buf)), Some(f)))
-                }
-                Err(e) => Some((Err(e), None)),
-            }
-        });
-        let opts = ImportImageOptionsBuilder::default().quiet(true).build();
-        let mut s = self
-            .docker
-            .import_image(opts, bollard::body_try_stream(chunks), None);
-        while let Some(r) = s.next().await {
-            r.map_err(|e| StageError::new(format!("docker load: {e}")))?;
-        }
-        Ok(())
+        docker_load_file(&self.docker, archive)
+            .await
+            .map_err(|e| StageError::new(format!("docker load: {e}")))
     }
 
     /// Spools a Docker byte stream to a scratch file and uploads it as the artifact `path`
