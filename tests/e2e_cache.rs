@@ -334,3 +334,64 @@ fn embedded_cache_and_single_flight_across_processes() {
         again.events
     );
 }
+
+/// The embedded cache keeps under `DBUILD_CACHE_MAX_SIZE`: past it, the least recently
+/// used stages go, their records and their images on the daemon.
+#[test]
+fn embedded_cache_keeps_under_its_cap() {
+    support::base_images();
+    let ctx = tempfile::tempdir().unwrap();
+    let marker = support::unique_tag("cap");
+    write(
+        ctx.path(),
+        "Dockerfile",
+        &format!(
+            "FROM alpine:latest AS one\nRUN echo {marker} > /one\n\
+             FROM alpine:latest\nCOPY --from=one /one /one\n"
+        ),
+    );
+    let data = tempfile::tempdir().unwrap();
+    let submit_local = |cap: Option<&str>| {
+        let mut cmd = Command::new(DBUILD);
+        cmd.arg("submit")
+            .arg(ctx.path())
+            .args(["--progress", "json", "--output", "type=none"])
+            .env("DBUILD_DATA_DIR", data.path())
+            .env_remove("DBUILD_COORDINATOR");
+        if let Some(c) = cap {
+            cmd.env("DBUILD_CACHE_MAX_SIZE", c);
+        }
+        Submitted::from_output(cmd.output().unwrap())
+    };
+    let entries = || {
+        let out = Command::new(DBUILD)
+            .args(["cache", "stats", "--json"])
+            .env("DBUILD_DATA_DIR", data.path())
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["entries"].as_u64().unwrap()
+    };
+    let first = submit_local(None);
+    assert!(first.ok, "{}", first.stderr);
+    let key = first
+        .events
+        .iter()
+        .find(|e| e["event"] == "stage_finished" && e["stage"] == 0)
+        .and_then(|e| e["key"].as_str())
+        .unwrap()
+        .to_string();
+    assert_eq!(entries(), 2);
+    // A cap nothing fits under: after the build, every stage is evicted.
+    let capped = submit_local(Some("1"));
+    assert!(capped.ok, "{}", capped.stderr);
+    assert_eq!(entries(), 0);
+    let gone = Command::new("docker")
+        .args(["image", "inspect", &format!("dbuild-stage:{key}")])
+        .output()
+        .unwrap();
+    assert!(!gone.status.success(), "the evicted stage's image is removed");
+    let again = submit_local(None);
+    assert!(again.ok, "{}", again.stderr);
+    assert_eq!(stages(&again, "stage_finished"), vec![0, 1]);
+}

@@ -193,7 +193,10 @@ async fn cache(args: CacheArgs) -> anyhow::Result<()> {
 
 /// Removes the daemon images of pruned embedded stages (tags another record still
 /// names are kept).
-async fn remove_images(host: Option<&str>, report: &PruneReport) -> anyhow::Result<()> {
+pub(crate) async fn remove_images(
+    host: Option<&str>,
+    report: &PruneReport,
+) -> anyhow::Result<()> {
     if report.removed.is_empty() {
         return Ok(());
     }

@@ -172,9 +172,14 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
     // index means this build neither counts nor records (the daemon's images still hit).
     let mut scheduler =
         Scheduler::new(Arc::clone(&executor), jobs).with_single_flight(data.join("locks"));
+    let mut cache: Option<Arc<StageCache>> = None;
     if let Some(index) = &history {
         match StageCache::new(Arc::clone(index) as Arc<dyn Store>, None) {
-            Ok(c) => scheduler = scheduler.with_cache(Arc::new(c)),
+            Ok(c) => {
+                let c = Arc::new(c);
+                scheduler = scheduler.with_cache(Arc::clone(&c));
+                cache = Some(c);
+            }
             Err(e) => tracing::warn!(error = %e, "stage cache unavailable for this build"),
         }
     }
@@ -222,10 +227,44 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
         std::fs::write(path, &outcome.image_id)
             .with_context(|| format!("writing --iidfile {}", path.display()))?;
     }
+    if let Some(c) = &cache {
+        cap_local_cache(c, args.docker_host.as_deref()).await;
+    }
     Ok(Summary {
         built: outcome.results.len(),
         cached: outcome.cached.len(),
     })
+}
+
+/// The embedded cache's cap (`DBUILD_CACHE_MAX_SIZE`, default 20GB; `0` for none): past
+/// it, the least recently used stages go, records and daemon images, as `dbuild cache
+/// prune --keep-storage` would do. Sizes are the stage images' own sizes on the daemon.
+async fn cap_local_cache(cache: &StageCache, docker_host: Option<&str>) {
+    let cap = match std::env::var("DBUILD_CACHE_MAX_SIZE") {
+        Ok(s) => match coordinator::cache::parse_size(&s) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "DBUILD_CACHE_MAX_SIZE ignored");
+                return;
+            }
+        },
+        Err(_) => 20_000_000_000,
+    };
+    if cap == 0 || cache.stats().map(|s| s.bytes <= cap).unwrap_or(true) {
+        return;
+    }
+    let opts = coordinator::cache::PruneOptions {
+        keep_bytes: Some(cap),
+        ..Default::default()
+    };
+    match cache.prune(&opts) {
+        Ok(report) => {
+            if let Err(e) = super::cache::remove_images(docker_host, &report).await {
+                tracing::warn!(error = %e, "could not remove the images of evicted stages");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cache cap not enforced"),
+    }
 }
 
 /// Pins every external image the build reads to its id on the executor's daemon (pulling
