@@ -149,7 +149,12 @@ fn farm_cache_reuses_across_builds_restarts_and_concurrent_submits() {
     .unwrap();
     let same = submit(&url, ctx.path(), &["--output", "type=none"], &client);
     assert!(same.ok, "{}", same.stderr);
-    assert_eq!(stages(&same, "stage_finished"), vec![0], "{:?}", same.events);
+    assert_eq!(
+        stages(&same, "stage_finished"),
+        vec![0],
+        "{:?}",
+        same.events
+    );
     assert_eq!(stages(&same, "stage_cached"), vec![1, 2]);
     assert_eq!(image_id(&same), image_id(&subs[0]));
 
@@ -390,7 +395,10 @@ fn embedded_cache_keeps_under_its_cap() {
         .args(["image", "inspect", &format!("dbuild-stage:{key}")])
         .output()
         .unwrap();
-    assert!(!gone.status.success(), "the evicted stage's image is removed");
+    assert!(
+        !gone.status.success(),
+        "the evicted stage's image is removed"
+    );
     let again = submit_local(None);
     assert!(again.ok, "{}", again.stderr);
     assert_eq!(stages(&again, "stage_finished"), vec![0, 1]);

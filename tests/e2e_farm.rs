@@ -214,9 +214,19 @@ fn farm_builds_across_workers_and_daemons() {
     let c = String::from_utf8(c.stdout).unwrap();
     let made = docker(
         local,
-        &["commit", "--change", &format!("LABEL pin={only}"), c.trim(), &only],
+        &[
+            "commit",
+            "--change",
+            &format!("LABEL pin={only}"),
+            c.trim(),
+            &only,
+        ],
     );
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
     let _ = docker(local, &["rm", c.trim()]);
     let pin = write_ctx(&format!(
         "FROM {only} AS a\nRUN echo a > /a && sleep 2\nFROM {only} AS b\nRUN echo b > /b && sleep 2\nFROM {only}\nCOPY --from=a /a /a\nCOPY --from=b /b /b\n"
@@ -231,13 +241,17 @@ fn farm_builds_across_workers_and_daemons() {
     let id = String::from_utf8(docker(local, &["image", "inspect", "-f", "{{.Id}}", &only]).stdout)
         .unwrap();
     assert!(
-        docker(&second.host(), &["image", "inspect", id.trim()]).status.success(),
+        docker(&second.host(), &["image", "inspect", id.trim()])
+            .status
+            .success(),
         "the second daemon loaded the pinned image {id}"
     );
     let again = submit(&url, pin.path(), &["--output", "type=none"], &client);
     assert!(again.ok, "{}", again.stderr);
     assert_eq!(again.count("stage_cached"), 3, "{:?}", again.events);
-    assert!(docker(local, &["tag", "golang:1.7.3", &only]).status.success());
+    assert!(docker(local, &["tag", "golang:1.7.3", &only])
+        .status
+        .success());
     let moved = submit(&url, pin.path(), &["--output", "type=none"], &client);
     assert!(moved.ok, "{}", moved.stderr);
     assert_eq!(moved.count("stage_cached"), 0, "{:?}", moved.events);
@@ -302,12 +316,18 @@ fn farm_builds_across_workers_and_daemons() {
         .args(["cache", "ls", "--json", "--coordinator", &url])
         .output()
         .unwrap();
-    assert!(ls.status.success(), "{}", String::from_utf8_lossy(&ls.stderr));
+    assert!(
+        ls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ls.stderr)
+    );
     let records: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
     let mut uses: std::collections::BTreeMap<String, usize> = Default::default();
     for r in records.as_array().unwrap() {
         for p in r["image_parts"].as_array().into_iter().flatten() {
-            *uses.entry(p["digest"].as_str().unwrap().to_string()).or_default() += 1;
+            *uses
+                .entry(p["digest"].as_str().unwrap().to_string())
+                .or_default() += 1;
         }
     }
     assert!(
@@ -454,7 +474,12 @@ fn sigterm_stops_cleanly_and_workers_survive_a_coordinator_restart() {
         "FROM alpine:latest\nRUN echo back-{} > /b\n",
         std::process::id()
     ));
-    let r = submit(&url, ctx.path(), &["--output", "type=none"], &data.path().join("client"));
+    let r = submit(
+        &url,
+        ctx.path(),
+        &["--output", "type=none"],
+        &data.path().join("client"),
+    );
     assert!(r.ok, "{}", r.stderr);
     assert_eq!(r.placement(0).as_deref(), Some("survivor"));
     assert!(term(&mut w).success(), "worker exit status");

@@ -45,7 +45,11 @@ fn warm_builds_each_entry_reports_failures_and_leaves_hits_for_submit() {
     .unwrap();
     let broken = root.path().join("broken");
     std::fs::create_dir_all(&broken).unwrap();
-    std::fs::write(broken.join("build.Dockerfile"), "FROM alpine:latest\nRUN exit 3\n").unwrap();
+    std::fs::write(
+        broken.join("build.Dockerfile"),
+        "FROM alpine:latest\nRUN exit 3\n",
+    )
+    .unwrap();
     // Paths relative to the TOML file; one entry names a target, one a Dockerfile.
     let list = root.path().join("builds.toml");
     std::fs::write(
@@ -56,7 +60,16 @@ fn warm_builds_each_entry_reports_failures_and_leaves_hits_for_submit() {
     )
     .unwrap();
 
-    let out = dbuild(&data, &["warm", "--file", list.to_str().unwrap(), "--progress", "json"]);
+    let out = dbuild(
+        &data,
+        &[
+            "warm",
+            "--file",
+            list.to_str().unwrap(),
+            "--progress",
+            "json",
+        ],
+    );
     assert!(!out.status.success(), "a failed entry fails the run");
     let entries: Vec<Value> = json_lines(&out)
         .into_iter()
@@ -64,7 +77,11 @@ fn warm_builds_each_entry_reports_failures_and_leaves_hits_for_submit() {
         .collect();
     assert_eq!(entries.len(), 3, "{}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(entries[0]["ok"], true);
-    assert_eq!(entries[0]["built"], 2, "deps and the final stage: {}", entries[0]);
+    assert_eq!(
+        entries[0]["built"], 2,
+        "deps and the final stage: {}",
+        entries[0]
+    );
     assert_eq!(entries[1]["ok"], true);
     assert_eq!(entries[1]["target"], "tool");
     assert_eq!(entries[2]["ok"], false);
@@ -83,8 +100,15 @@ fn warm_builds_each_entry_reports_failures_and_leaves_hits_for_submit() {
     .unwrap();
     let out = dbuild(&data, &["warm", "--file", ok_list.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("2 stages cached, 0 built, 0 failed"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("2 stages cached, 0 built, 0 failed"),
+        "{stdout}"
+    );
 
     // A developer's submit of the warmed build builds nothing.
     let out = dbuild(
@@ -100,14 +124,24 @@ fn warm_builds_each_entry_reports_failures_and_leaves_hits_for_submit() {
             "type=none",
         ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let events = json_lines(&out);
     assert_eq!(
-        events.iter().filter(|e| e["event"] == "stage_cached").count(),
+        events
+            .iter()
+            .filter(|e| e["event"] == "stage_cached")
+            .count(),
         2
     );
     assert_eq!(
-        events.iter().filter(|e| e["event"] == "stage_started").count(),
+        events
+            .iter()
+            .filter(|e| e["event"] == "stage_started")
+            .count(),
         0
     );
 }

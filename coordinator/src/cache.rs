@@ -561,7 +561,8 @@ impl StageCache {
         r.last_used_ms = now;
         r.holders.insert(worker.to_string());
         r.tags.extend(tags.iter().cloned());
-        r.contents.extend(contents.iter().map(|(k, v)| (k.clone(), v.clone())));
+        r.contents
+            .extend(contents.iter().map(|(k, v)| (k.clone(), v.clone())));
         r.size = if self.blobs.is_some() {
             r.blob_bytes()
         } else {
@@ -745,7 +746,10 @@ impl StageCache {
         entries
             .into_iter()
             .filter_map(|(k, v)| {
-                let id = String::from_utf8(k).ok()?.strip_prefix("image:")?.to_string();
+                let id = String::from_utf8(k)
+                    .ok()?
+                    .strip_prefix("image:")?
+                    .to_string();
                 let b: BlobRef = serde_json::from_slice(&v).ok()?;
                 let d = BlobDigest::from_hex(&b.digest)?;
                 self.blobs.as_ref()?.contains(&d).then_some(id)

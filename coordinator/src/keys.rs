@@ -183,7 +183,14 @@ pub fn rekey_stage(
     resolver: &dyn BaseResolver,
     contents: &dyn Contents,
 ) -> StageKeys {
-    stage_keys(plan, &plan.stages[index], &done[..index], manifest, resolver, contents)
+    stage_keys(
+        plan,
+        &plan.stages[index],
+        &done[..index],
+        manifest,
+        resolver,
+        contents,
+    )
 }
 
 /// The source path a `--from` read is keyed and reported under (absolute, cleaned), or
@@ -202,7 +209,9 @@ pub fn content_paths(plan: &Plan) -> std::collections::BTreeMap<usize, BTreeSet<
     for s in plan.stages.iter().filter(|s| plan.built[s.index]) {
         for pi in &s.instructions {
             for (src, paths) in from_reads(pi) {
-                out.entry(src).or_default().extend(paths.into_iter().flatten());
+                out.entry(src)
+                    .or_default()
+                    .extend(paths.into_iter().flatten());
             }
         }
     }

@@ -324,7 +324,13 @@ pub enum BuildError {
 
 /// Builds the task for stage `index` of a keyed plan.
 pub fn stage_task(req: &BuildRequest, index: usize) -> StageTask {
-    stage_task_keyed(req, &req.keys, &crate::keys::NoContents, &BTreeMap::new(), index)
+    stage_task_keyed(
+        req,
+        &req.keys,
+        &crate::keys::NoContents,
+        &BTreeMap::new(),
+        index,
+    )
 }
 
 /// Builds the task for stage `index` with `all_keys` (the build's current keys) and the
@@ -412,7 +418,11 @@ fn from_contents(
     for (stage, paths) in crate::keys::from_reads(pi) {
         for p in paths.into_iter().flatten() {
             if let Some(d) = contents.digest(stage, &p) {
-                if link.inputs.iter().any(|i| i.value == format!("content {d}")) {
+                if link
+                    .inputs
+                    .iter()
+                    .any(|i| i.value == format!("content {d}"))
+                {
                     out.insert(p, d);
                 }
             }
@@ -527,14 +537,8 @@ impl Scheduler {
                 ready.sort_by_key(|i| (std::cmp::Reverse(priority[*i]), *i));
                 for i in ready {
                     if keys[i].key == req.keys[i].key {
-                        keys[i] = rekey_stage(
-                            plan,
-                            i,
-                            &keys,
-                            &inputs.manifest,
-                            &req.pinned,
-                            &contents,
-                        );
+                        keys[i] =
+                            rekey_stage(plan, i, &keys, &inputs.manifest, &req.pinned, &contents);
                     }
                     let task = stage_task_keyed(req, &keys, &contents, &done, i);
                     if !req.skips_cache(i) {

@@ -44,7 +44,10 @@ pub enum TaskBase {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TaskSource {
     Scratch,
-    Image { reference: String, id: String },
+    Image {
+        reference: String,
+        id: String,
+    },
     Stage {
         index: usize,
         key: StageKey,
@@ -267,11 +270,7 @@ pub trait Executor: Send + Sync {
     /// Content digests of `paths` of the stage result `image_id`, for a stage found in the
     /// cache whose record lacks them. Paths the executor cannot read are left out (their
     /// consumers are then keyed by the stage's key).
-    async fn contents(
-        &self,
-        _image_id: &str,
-        _paths: &[String],
-    ) -> BTreeMap<String, String> {
+    async fn contents(&self, _image_id: &str, _paths: &[String]) -> BTreeMap<String, String> {
         BTreeMap::new()
     }
 

@@ -62,7 +62,10 @@ fn prune_removes_records_with_their_blobs_and_sweeps_old_unreferenced_blobs() {
     assert!(report.removed.is_empty());
     assert_eq!(report.unreferenced_removed, 1);
     assert!(!blobs.contains(&old), "an old unreferenced blob is swept");
-    assert!(blobs.contains(&fresh), "a fresh one may be about to be named");
+    assert!(
+        blobs.contains(&fresh),
+        "a fresh one may be about to be named"
+    );
     assert!(blobs.contains(&pinned), "a running build's blob stays");
     assert!(blobs.contains(&artifact), "a record's blob stays");
 
@@ -116,7 +119,11 @@ fn a_rebuild_to_another_image_drops_the_old_contents() {
     );
     // Contents computed from the old image are not added to the new image's record.
     cache
-        .add_contents(&key, "sha256:a", &[("/y".to_string(), "2".to_string())].into())
+        .add_contents(
+            &key,
+            "sha256:a",
+            &[("/y".to_string(), "2".to_string())].into(),
+        )
         .unwrap();
     assert_eq!(cache.get(&key).unwrap().unwrap().contents.len(), 1);
 }

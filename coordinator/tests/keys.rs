@@ -259,7 +259,10 @@ fn a_from_stage_read_is_keyed_on_its_content_once_known() {
                     ("/out/*".to_string(), "w".to_string()),
                 ]),
             ),
-            (1, std::collections::BTreeMap::from([("/x".to_string(), "x".to_string())])),
+            (
+                1,
+                std::collections::BTreeMap::from([("/x".to_string(), "x".to_string())]),
+            ),
         ])
     };
     let k1 = rekey_stage(&p, 2, &ks, &m, &Unresolved, &contents("1"));
@@ -272,8 +275,14 @@ fn a_from_stage_read_is_keyed_on_its_content_once_known() {
     // The same content whatever stage a's key: the same key; other content: another.
     let mut moved = ks.clone();
     moved[0].key = coordinator::keys::StageKey([7; 32]);
-    assert_eq!(rekey_stage(&p, 2, &moved, &m, &Unresolved, &contents("1")).key, k1.key);
-    assert_ne!(rekey_stage(&p, 2, &ks, &m, &Unresolved, &contents("2")).key, k1.key);
+    assert_eq!(
+        rekey_stage(&p, 2, &moved, &m, &Unresolved, &contents("1")).key,
+        k1.key
+    );
+    assert_ne!(
+        rekey_stage(&p, 2, &ks, &m, &Unresolved, &contents("2")).key,
+        k1.key
+    );
     // A path without a reported content falls back to the stage's key.
     let partial = std::collections::BTreeMap::from([(
         0usize,

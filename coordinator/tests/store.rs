@@ -115,12 +115,17 @@ fn an_index_in_use_is_an_error_and_is_left_alone() {
     first.put(Tree::Stages, b"k", b"v").unwrap();
     first.flush().unwrap();
     // flock conflicts between two open files even within one process.
-    let err = SledStore::open(&path).err().expect("a second open must fail");
+    let err = SledStore::open(&path)
+        .err()
+        .expect("a second open must fail");
     assert!(
         matches!(err, coordinator::store::StoreError::Busy { .. }),
         "{err}"
     );
-    assert!(err.to_string().contains("in use by another process"), "{err}");
+    assert!(
+        err.to_string().contains("in use by another process"),
+        "{err}"
+    );
     let names: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
         .flatten()

@@ -193,10 +193,7 @@ async fn cache(args: CacheArgs) -> anyhow::Result<()> {
 
 /// Removes the daemon images of pruned embedded stages (tags another record still
 /// names are kept).
-pub(crate) async fn remove_images(
-    host: Option<&str>,
-    report: &PruneReport,
-) -> anyhow::Result<()> {
+pub(crate) async fn remove_images(host: Option<&str>, report: &PruneReport) -> anyhow::Result<()> {
     if report.removed.is_empty() {
         return Ok(());
     }

@@ -11,9 +11,9 @@ use coordinator::context::EntryKind;
 use coordinator::digest::BlobDigest;
 use coordinator::explain::Explanation;
 use coordinator::scheduler::BuildEvent;
-use futures::StreamExt;
 use coordinator::service::content::{pb_digest, receive_blob, upload_chunks};
 use coordinator::service::workers::{document, from_document};
+use futures::StreamExt;
 use proto::v1::{DownloadBlobRequest, MissingBlobsRequest, SubmitRequest};
 use tokio_stream::wrappers::ReceiverStream;
 use worker::farm::Clients;
@@ -248,7 +248,10 @@ async fn download(
 }
 
 /// A blob into an anonymous temporary file, rewound (images and layers can be large).
-async fn download_file(clients: &mut Clients, digest: &BlobDigest) -> anyhow::Result<std::fs::File> {
+async fn download_file(
+    clients: &mut Clients,
+    digest: &BlobDigest,
+) -> anyhow::Result<std::fs::File> {
     use std::io::Seek;
     let mut f = tempfile::tempfile().context("a temporary file for the image")?;
     download(clients, digest, &mut f).await?;

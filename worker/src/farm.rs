@@ -419,7 +419,11 @@ fn paths_image_tag(key: &StageKey, arts: &[coordinator::pool::Artifact]) -> Stri
     for d in digests {
         h.update(d.as_bytes());
     }
-    format!("dbuild-paths:{}-{}", key.to_hex(), &h.finalize().to_hex()[..12])
+    format!(
+        "dbuild-paths:{}-{}",
+        key.to_hex(),
+        &h.finalize().to_hex()[..12]
+    )
 }
 
 /// Evicts least recently used images over the cap, in the background.
@@ -819,8 +823,13 @@ impl TaskCtx {
             let mut rootfs = tar::Builder::new(Vec::new());
             for art in arts {
                 let bytes = self.fetch_blob(&art.digest).await?;
-                reprefix(&mut rootfs, &bytes, parent_of(&art.path), base_of(&art.path))
-                    .map_err(|e| StageError::new(format!("artifact {}: {e}", art.path)))?;
+                reprefix(
+                    &mut rootfs,
+                    &bytes,
+                    parent_of(&art.path),
+                    base_of(&art.path),
+                )
+                .map_err(|e| StageError::new(format!("artifact {}: {e}", art.path)))?;
             }
             let tar = rootfs
                 .into_inner()
@@ -1049,7 +1058,9 @@ impl TaskCtx {
             match self.docker_load(archive).await {
                 Ok(()) => return Ok(()),
                 Err(e) if skip == 0 => return Err(e),
-                Err(e) => tracing::debug!(error = %e.message, "load without the layers the daemon should have failed; sending all"),
+                Err(e) => {
+                    tracing::debug!(error = %e.message, "load without the layers the daemon should have failed; sending all")
+                }
             }
         }
         Ok(())

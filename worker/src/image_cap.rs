@@ -135,8 +135,14 @@ impl ImageCap {
         }
         let now = SystemTime::now();
         let used = self.used.lock().unwrap().clone();
-        let in_use: std::collections::HashSet<String> =
-            self.running.lock().unwrap().values().flatten().cloned().collect();
+        let in_use: std::collections::HashSet<String> = self
+            .running
+            .lock()
+            .unwrap()
+            .values()
+            .flatten()
+            .cloned()
+            .collect();
         // Each image carrying only dbuild's tags.
         let mut ours: Vec<Candidate> = images
             .into_iter()
@@ -147,8 +153,7 @@ impl ImageCap {
                         .all(|t| self.prefixes.iter().any(|p| t.starts_with(p.as_str())))
             })
             .map(|i| {
-                let created =
-                    SystemTime::UNIX_EPOCH + Duration::from_secs(i.created.max(0) as u64);
+                let created = SystemTime::UNIX_EPOCH + Duration::from_secs(i.created.max(0) as u64);
                 let last = i
                     .repo_tags
                     .iter()

@@ -57,10 +57,7 @@ async fn least_recently_used_images_go_first_until_they_fit() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let r = cap.enforce().await.unwrap();
-    assert!(
-        (3_000_000..3_400_000).contains(&r.bytes_before),
-        "{r:?}"
-    );
+    assert!((3_000_000..3_400_000).contains(&r.bytes_before), "{r:?}");
     assert_eq!(r.images_removed, 1, "{r:?}");
     assert!(!exists(&tags[0]));
     assert!(exists(&tags[1]) && exists(&tags[2]));

@@ -14,11 +14,9 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::content::{parse_digest, pb_digest};
-use crate::keys::StageKey;
 use crate::cache::BlobRef;
-use crate::pool::{
-    Artifact, Job, Report, Resolved, WorkerPool, HEARTBEAT_INTERVAL, LEASE_TIMEOUT,
-};
+use crate::keys::StageKey;
+use crate::pool::{Artifact, Job, Report, Resolved, WorkerPool, HEARTBEAT_INTERVAL, LEASE_TIMEOUT};
 use crate::task::{StageError, StageResult};
 
 pub struct WorkerServer {

@@ -29,9 +29,12 @@ pub(super) fn from_image(src: Option<&TaskSource>, written: Option<&str>) -> Opt
     match (src, written) {
         (Some(TaskSource::Scratch), _) => Some(FromImage::Scratch),
         (Some(TaskSource::Image { id, .. }), _) => Some(FromImage::Reference(id.clone())),
-        (Some(TaskSource::Stage { image_id: Some(id), .. }), _) => {
-            Some(FromImage::Reference(id.clone()))
-        }
+        (
+            Some(TaskSource::Stage {
+                image_id: Some(id), ..
+            }),
+            _,
+        ) => Some(FromImage::Reference(id.clone())),
         (Some(TaskSource::Stage { key, .. }), _) => {
             Some(FromImage::Reference(stage_image_tag(key)))
         }
