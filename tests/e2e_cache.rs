@@ -65,6 +65,38 @@ fn cache_json(url: &str, what: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// An embedded `dbuild submit` of `ctx` on the data dir `data` (output none, JSON events).
+fn local_submit(ctx: &Path, data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Submitted {
+    let out = Command::new(DBUILD)
+        .arg("submit")
+        .arg(ctx)
+        .args(["--progress", "json", "--output", "type=none"])
+        .args(extra)
+        .env("DBUILD_DATA_DIR", data)
+        .env_remove("DBUILD_COORDINATOR")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    Submitted::from_output(out)
+}
+
+/// `dbuild cache <what> --json` on the embedded data dir `data`, which must succeed.
+fn local_cache(data: &Path, what: &[&str]) -> Value {
+    let out = Command::new(DBUILD)
+        .arg("cache")
+        .args(what)
+        .arg("--json")
+        .env("DBUILD_DATA_DIR", data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dbuild cache {what:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn run(tag: &str, path: &str) -> String {
     let out = Command::new("docker")
         .args(["run", "--rm", "--network=none", tag, "cat", path])
@@ -257,18 +289,7 @@ fn embedded_cache_and_single_flight_across_processes() {
         ),
     );
     let data = tempfile::tempdir().unwrap();
-    let submit_local = |extra: &[&str]| {
-        let out = Command::new(DBUILD)
-            .arg("submit")
-            .arg(ctx.path())
-            .args(["--progress", "json", "--output", "type=none"])
-            .args(extra)
-            .env("DBUILD_DATA_DIR", data.path())
-            .env_remove("DBUILD_COORDINATOR")
-            .output()
-            .unwrap();
-        Submitted::from_output(out)
-    };
+    let submit_local = |extra: &[&str]| local_submit(ctx.path(), data.path(), extra, &[]);
     let subs: Vec<Submitted> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..8).map(|_| s.spawn(|| submit_local(&[]))).collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
@@ -305,31 +326,12 @@ fn embedded_cache_and_single_flight_across_processes() {
     assert_eq!(stages(&filtered, "stage_finished"), vec![0]);
     assert_eq!(stages(&filtered, "stage_cached"), vec![1]);
 
-    let out = Command::new(DBUILD)
-        .args(["cache", "stats", "--json"])
-        .env("DBUILD_DATA_DIR", data.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stats = local_cache(data.path(), &["stats"]);
     assert!(stats["entries"].as_u64().unwrap() >= 2, "{stats}");
     assert!(stats["hits"].as_u64().unwrap() >= 2, "{stats}");
 
     // Pruning everything removes the stage images from the daemon too.
-    let out = Command::new(DBUILD)
-        .args(["cache", "prune", "--all", "--json"])
-        .env("DBUILD_DATA_DIR", data.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    local_cache(data.path(), &["prune", "--all"]);
     let again = submit_local(&[]);
     assert!(again.ok, "{}", again.stderr);
     assert_eq!(
@@ -357,25 +359,16 @@ fn embedded_cache_keeps_under_its_cap() {
     );
     let data = tempfile::tempdir().unwrap();
     let submit_local = |cap: Option<&str>| {
-        let mut cmd = Command::new(DBUILD);
-        cmd.arg("submit")
-            .arg(ctx.path())
-            .args(["--progress", "json", "--output", "type=none"])
-            .env("DBUILD_DATA_DIR", data.path())
-            .env_remove("DBUILD_COORDINATOR");
-        if let Some(c) = cap {
-            cmd.env("DBUILD_CACHE_MAX_SIZE", c);
-        }
-        Submitted::from_output(cmd.output().unwrap())
+        let env: Vec<(&str, &str)> = cap
+            .map(|c| ("DBUILD_CACHE_MAX_SIZE", c))
+            .into_iter()
+            .collect();
+        local_submit(ctx.path(), data.path(), &[], &env)
     };
     let entries = || {
-        let out = Command::new(DBUILD)
-            .args(["cache", "stats", "--json"])
-            .env("DBUILD_DATA_DIR", data.path())
-            .output()
-            .unwrap();
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["entries"].as_u64().unwrap()
+        local_cache(data.path(), &["stats"])["entries"]
+            .as_u64()
+            .unwrap()
     };
     let first = submit_local(None);
     assert!(first.ok, "{}", first.stderr);

@@ -181,28 +181,32 @@ pub fn assemble(
             let size = io::copy(&mut r, &mut f)?;
             use std::io::Seek;
             f.seek(io::SeekFrom::Start(0))?;
-            let mut h = tar::Header::new_gnu();
-            h.set_size(size);
-            h.set_mode(0o644);
-            tar.append_data(&mut h, &path, f)?;
+            tar.append_data(&mut file_header(size), &path, f)?;
         }
         layer_paths.push(path);
     }
-    let mut h = tar::Header::new_gnu();
-    h.set_size(parts.config.len() as u64);
-    h.set_mode(0o644);
-    tar.append_data(&mut h, "config.json", parts.config.as_bytes())?;
+    let config = parts.config.as_bytes();
+    tar.append_data(&mut file_header(config.len() as u64), "config.json", config)?;
     let manifest = serde_json::json!([{
         "Config": "config.json",
         "RepoTags": parts.repo_tags,
         "Layers": layer_paths,
     }])
     .to_string();
-    let mut h = tar::Header::new_gnu();
-    h.set_size(manifest.len() as u64);
-    h.set_mode(0o644);
-    tar.append_data(&mut h, "manifest.json", manifest.as_bytes())?;
+    let manifest = manifest.as_bytes();
+    tar.append_data(
+        &mut file_header(manifest.len() as u64),
+        "manifest.json",
+        manifest,
+    )?;
     tar.into_inner()?.flush()
+}
+
+fn file_header(size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(size);
+    h.set_mode(0o644);
+    h
 }
 
 #[cfg(test)]

@@ -553,9 +553,9 @@ impl Executor for WorkerPool {
     }
 
     /// A record the cache found covers the build's needs with blobs on disk: any worker
-    /// can import them.
-    async fn holds(&self, _task: &StageTask, _record: &StageRecord) -> bool {
-        true
+    /// can import them, so the record's image stands in.
+    async fn held_image(&self, _task: &StageTask, record: &StageRecord) -> Option<String> {
+        Some(record.image_id.clone())
     }
 
     async fn run_stage(

@@ -91,22 +91,34 @@ async fn lookup(
     task: &StageTask,
 ) -> Option<Hit> {
     let (image_id, mut contents) = find(executor, cache, task).await?;
-    let missing: Vec<String> = task
-        .digest_paths
+    let more = fill_contents(executor, &image_id, &mut contents, &task.digest_paths).await;
+    if let (Some(c), false) = (cache, more.is_empty()) {
+        if let Err(e) = c.add_contents(&task.key, &image_id, &more) {
+            tracing::warn!(error = %e, "could not record a stage's contents");
+        }
+    }
+    Some(Hit { image_id, contents })
+}
+
+/// Completes `contents` with the digests of those `paths` it lacks, read by the executor
+/// from `image_id`; returns what it added (for the cache record).
+pub async fn fill_contents(
+    executor: &dyn Executor,
+    image_id: &str,
+    contents: &mut BTreeMap<String, String>,
+    paths: &[String],
+) -> BTreeMap<String, String> {
+    let missing: Vec<String> = paths
         .iter()
         .filter(|p| !contents.contains_key(*p))
         .cloned()
         .collect();
-    if !missing.is_empty() {
-        let more = executor.contents(&image_id, &missing).await;
-        if let (Some(c), false) = (cache, more.is_empty()) {
-            if let Err(e) = c.add_contents(&task.key, &image_id, &more) {
-                tracing::warn!(error = %e, "could not record a stage's contents");
-            }
-        }
-        contents.extend(more);
+    if missing.is_empty() {
+        return BTreeMap::new();
     }
-    Some(Hit { image_id, contents })
+    let more = executor.contents(image_id, &missing).await;
+    contents.extend(more.clone());
+    more
 }
 
 async fn find(
@@ -121,22 +133,18 @@ async fn find(
     let need = executor.needs(task);
     match cache.find(&task.key, &need) {
         Ok(Some(record)) => {
-            if !executor.holds(task, &record).await {
-                return None;
-            }
+            let id = executor.held_image(task, &record).await?;
             if let Err(e) = cache.count_hit(&task.key, &task.display_name()) {
                 tracing::warn!(error = %e, "could not count a cache hit");
             }
-            // The record's contents describe its image; an executor that now holds
-            // another image under the key (rebuilt by another process) reads that one.
-            if !executor.places_stages() {
-                if let Some(id) = executor.stage_image(&task.key).await {
-                    if id != record.image_id {
-                        return Some((id, BTreeMap::new()));
-                    }
-                }
-            }
-            return Some((record.image_id, record.contents));
+            // The record's contents describe its image; another image held under the key
+            // (rebuilt by another process) is read as it is.
+            let contents = if id == record.image_id {
+                record.contents
+            } else {
+                BTreeMap::new()
+            };
+            return Some((id, contents));
         }
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "cache index unreadable: asking the executor"),
@@ -324,22 +332,26 @@ pub enum BuildError {
 
 /// Builds the task for stage `index` of a keyed plan.
 pub fn stage_task(req: &BuildRequest, index: usize) -> StageTask {
+    let reads = content_paths(&req.plan);
     stage_task_keyed(
         req,
         &req.keys,
         &crate::keys::NoContents,
         &BTreeMap::new(),
+        reads.get(&index),
         index,
     )
 }
 
-/// Builds the task for stage `index` with `all_keys` (the build's current keys) and the
-/// contents the stages it reads reported (what its `--from` reads are keyed on).
+/// Builds the task for stage `index` with `all_keys` (the build's current keys), the
+/// contents the stages it reads reported (what its `--from` reads are keyed on), the
+/// images found or built so far, and the paths later stages read from it.
 fn stage_task_keyed(
     req: &BuildRequest,
     all_keys: &[StageKeys],
     contents: &dyn crate::keys::Contents,
     done: &BTreeMap<usize, String>,
+    read_paths: Option<&BTreeSet<String>>,
     index: usize,
 ) -> StageTask {
     let plan = &req.plan;
@@ -400,10 +412,7 @@ fn stage_task_keyed(
         no_cache: req.skips_cache(index),
         build_args: plan.build_args.clone(),
         network: req.network.clone(),
-        digest_paths: content_paths(plan)
-            .remove(&index)
-            .map(|p| p.into_iter().collect())
-            .unwrap_or_default(),
+        digest_paths: read_paths.into_iter().flatten().cloned().collect(),
     }
 }
 
@@ -518,6 +527,9 @@ impl Scheduler {
         // reported contents of the stages it reads.
         let mut keys: Vec<StageKeys> = req.keys.to_vec();
         let mut contents: BTreeMap<usize, BTreeMap<String, String>> = BTreeMap::new();
+        let mut rekeyed: BTreeSet<usize> = BTreeSet::new();
+        // What later stages read from each stage, which it reports the contents of.
+        let reads = content_paths(plan);
         let key_hex = |keys: &[StageKeys], i: usize| keys[i].key.to_hex();
         let name = |i: usize| plan.stages[i].name.clone();
 
@@ -536,11 +548,12 @@ impl Scheduler {
                     .collect();
                 ready.sort_by_key(|i| (std::cmp::Reverse(priority[*i]), *i));
                 for i in ready {
-                    if keys[i].key == req.keys[i].key {
+                    // Once, when ready (it may wait for a slot and come round again).
+                    if rekeyed.insert(i) {
                         keys[i] =
                             rekey_stage(plan, i, &keys, &inputs.manifest, &req.pinned, &contents);
                     }
-                    let task = stage_task_keyed(req, &keys, &contents, &done, i);
+                    let task = stage_task_keyed(req, &keys, &contents, &done, reads.get(&i), i);
                     if !req.skips_cache(i) {
                         if let Some(hit) =
                             lookup(&*self.executor, self.cache.as_deref(), &task).await

@@ -261,10 +261,15 @@ pub trait Executor: Send + Sync {
         crate::cache::Export::default()
     }
 
-    /// Whether a cache record can stand in for building the stage here. By default the
-    /// executor must still hold the stage image.
-    async fn holds(&self, task: &StageTask, _record: &crate::cache::StageRecord) -> bool {
-        self.stage_image(&task.key).await.is_some()
+    /// The image that stands in for a cache record's stage here, if any. By default the
+    /// executor's own image under the key, which may be another image than the record's
+    /// (rebuilt by another process); `None` when it holds none.
+    async fn held_image(
+        &self,
+        task: &StageTask,
+        _record: &crate::cache::StageRecord,
+    ) -> Option<String> {
+        self.stage_image(&task.key).await
     }
 
     /// Content digests of `paths` of the stage result `image_id`, for a stage found in the

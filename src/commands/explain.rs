@@ -117,14 +117,7 @@ impl StageLookup for DaemonLookup {
             .filter(|r| r.image_id == image)
             .map(|r| r.contents)
             .unwrap_or_default();
-        let lacking: Vec<String> = paths
-            .iter()
-            .filter(|p| !have.contains_key(*p))
-            .cloned()
-            .collect();
-        if !lacking.is_empty() {
-            have.extend(self.executor.contents(&image, &lacking).await);
-        }
+        coordinator::scheduler::fill_contents(&*self.executor, &image, &mut have, paths).await;
         Lookup::Hit(have)
     }
 }

@@ -223,13 +223,7 @@ fn write_layer(
     let mut out = tar::Builder::new(Vec::new());
     for f in all {
         let Some(tar) = &f.tar else {
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(tar::EntryType::Directory);
-            h.set_mode(0o755);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_size(0);
-            h.set_mtime(0);
+            let mut h = empty_entry(tar::EntryType::Directory, 0o755);
             let rel = format!("{}/", f.path.trim_start_matches('/'));
             out.append_data(&mut h, &rel, std::io::empty())?;
             continue;
@@ -291,6 +285,18 @@ fn write_layer(
     out.into_inner()
 }
 
+/// The header of an empty entry owned by root, with no mtime.
+fn empty_entry(kind: tar::EntryType, mode: u32) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_size(0);
+    h.set_mtime(0);
+    h
+}
+
 /// Appends the whiteout entry that deletes absolute `path` in the layers below.
 pub fn append_whiteout<W: std::io::Write>(
     out: &mut tar::Builder<W>,
@@ -298,13 +304,7 @@ pub fn append_whiteout<W: std::io::Write>(
 ) -> std::io::Result<()> {
     let name = path.rsplit('/').next().unwrap_or("");
     let wh = cp::join(cp::parent(path), &format!(".wh.{name}"));
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_mode(0o644);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_size(0);
-    h.set_mtime(0);
+    let mut h = empty_entry(tar::EntryType::Regular, 0o644);
     out.append_data(&mut h, wh.trim_start_matches('/'), std::io::empty())
 }
 
