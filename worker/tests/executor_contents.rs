@@ -52,3 +52,39 @@ async fn contents_ignore_mtimes_and_a_consumer_checks_what_it_copies() {
         err.message
     );
 }
+
+/// A stage works out the contents of paths its own layers settle without reading its
+/// image; those digests must be exactly what reading the image gives, or a cache hit
+/// (whose contents are read from the image) would key its consumers differently from the
+/// build that made it. A second executor, with nothing cached, reads the image.
+#[tokio::test]
+async fn contents_from_the_stage_layers_equal_an_image_read() {
+    let ex = executor("tlayerread").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ctx.txt"), "from the context\n").unwrap();
+    let marker = std::process::id();
+    let (tasks, inputs) = tasks(
+        &ex,
+        dir.path(),
+        &format!(
+            "FROM alpine:latest AS p\n\
+             COPY --chmod=640 ctx.txt /copied/ctx.txt\n\
+             RUN echo {marker} > /out && mkdir -p /tree/a/b /tree/empty && echo 1 > /tree/a/one \
+               && echo 2 > /tree/a/b/two && chmod 700 /tree/a/b && chown 7:8 /tree/a/one \
+               && ln -s a/one /tree/link && mkdir -p /etc/new && echo e > /etc/new/f \
+               && ln -s /out /outlink\n\
+             FROM alpine:latest\n\
+             COPY --from=p /out /copied/ctx.txt /tree /etc/new /outlink /etc/passwd /o/\n"
+        ),
+        Default::default(),
+    )
+    .await;
+    let paths = tasks[0].digest_paths.clone();
+    assert_eq!(paths.len(), 6, "{paths:?}");
+    let (built, _) = run_all(&ex, &tasks[..1], &inputs).await;
+    let built = built.unwrap().remove(0);
+    assert_eq!(built.contents.len(), 6, "{:?}", built.contents);
+    let fresh = executor("tlayerread2").await;
+    let read = coordinator::task::Executor::contents(&fresh, &built.image_id, &paths).await;
+    assert_eq!(read, built.contents);
+}

@@ -47,6 +47,13 @@ fn below(path: &str, dir: &str) -> bool {
     dir == "/" || path.strip_prefix(dir).is_some_and(|r| r.starts_with('/'))
 }
 
+/// A RUN's layer and the paths it holds whole: those the RUN added, each written with
+/// everything below it (see [`super::layer_read`]).
+pub struct RunLayer {
+    pub tar: Vec<u8>,
+    pub whole: Vec<String>,
+}
+
 /// The layer a container's changes make, skipping `skip` (file mount points the runtime
 /// created) and what lies below `targets` (every mount target of the RUN), or `None`
 /// when the changes are too large for this path (use a commit). `Some(None)`: the RUN
@@ -56,7 +63,7 @@ pub async fn layer_from_changes(
     container: &str,
     skip: &[String],
     targets: &[String],
-) -> Result<Option<Option<Vec<u8>>>, StageError> {
+) -> Result<Option<Option<RunLayer>>, StageError> {
     let changes = timed("changes", daemon.docker.container_changes(container))
         .await
         .map_err(|e| derr("list the container's changes", e))?
@@ -138,11 +145,17 @@ pub async fn layer_from_changes(
     }
     let skip: BTreeSet<String> = skip.iter().map(|s| s.to_string()).collect();
     let targets: BTreeSet<String> = targets.iter().cloned().collect();
-    let layer = tokio::task::spawn_blocking(move || write_layer(&all, &deleted, &skip, &targets))
+    let whole = all
+        .iter()
+        .filter(|f| f.whole)
+        .map(|f| f.path.clone())
+        .filter(|p| !skip.iter().any(|s| s == p || below(s, p)))
+        .collect();
+    let tar = tokio::task::spawn_blocking(move || write_layer(&all, &deleted, &skip, &targets))
         .await
         .map_err(|e| StageError::new(format!("build RUN layer: {e}")))?
         .map_err(|e| StageError::new(format!("build RUN layer: {e}")))?;
-    Ok(Some(Some(layer)))
+    Ok(Some(Some(RunLayer { tar, whole })))
 }
 
 /// The archive of `path` in a container: whole, or cut after the first entry when

@@ -6,6 +6,7 @@ mod copy;
 mod diff_layer;
 mod docker;
 mod fetch;
+mod layer_read;
 mod layers;
 mod mounts;
 mod prefetch;
@@ -137,6 +138,8 @@ pub(crate) struct StageRun<'a> {
     pub mirror: Option<layers::Mirror>,
     /// Layers of `state` (and pending images) written by hand, not on the daemon yet.
     pub new_layers: docker::NewLayers,
+    /// Paths a RUN layer holds whole (see `layer_read.rs`), by diff id.
+    pub whole_paths: std::collections::HashMap<String, Arc<Vec<String>>>,
     /// Never-started containers of other images (COPY --from, bind mounts), by reference.
     pub read_containers: std::collections::HashMap<String, String>,
     /// COPY --from sources read ahead (`prefetch.rs`), and whether that happened.
@@ -275,6 +278,7 @@ impl DockerExecutor {
             empty_bare: None,
             mirror: None,
             new_layers: Default::default(),
+            whole_paths: Default::default(),
             read_containers: Default::default(),
             prefetched: Default::default(),
             prefetch_done: false,
@@ -343,6 +347,7 @@ impl DockerExecutor {
             }
             _ => st.pending.push((st.state.clone(), vec![stage_tag.clone()])),
         }
+        let from_layers = self.trees_from_layers(&st, &task.digest_paths).await;
         docker::timed("final flush", self.flush(&mut st)).await?;
         let image = docker::timed(
             "inspect_image",
@@ -351,6 +356,12 @@ impl DockerExecutor {
         .await
         .map_err(|e| docker::derr(format!("the stage image {stage_tag}"), e))?;
         let image_id = image.id.unwrap_or_default();
+        {
+            let mut trees = self.trees.lock().unwrap();
+            for (path, t) in from_layers {
+                trees.put(&image_id, &path, vec![t]);
+            }
+        }
         let contents = if task.digest_paths.is_empty() {
             Default::default()
         } else {
@@ -371,6 +382,48 @@ impl DockerExecutor {
             duration: started.elapsed(),
             command_time: st.command_time,
         })
+    }
+
+    /// The trees of those `paths` (as `COPY --from` reads them) that the layers the stage
+    /// wrote itself settle, by clean absolute path: no container, no archive read.
+    async fn trees_from_layers(
+        &self,
+        st: &StageRun<'_>,
+        paths: &[String],
+    ) -> Vec<(String, tree::SourceTree)> {
+        let paths: Vec<String> = paths
+            .iter()
+            .map(|p| config::clean_abs(&format!("/{p}")))
+            .filter(|p| !copy::has_wildcard(p))
+            .collect();
+        if paths.is_empty() || st.new_layers.is_empty() {
+            return Vec::new();
+        }
+        let layers: Vec<layer_read::LayerView> = st
+            .state
+            .layers
+            .iter()
+            .rev()
+            .map(|d| layer_read::LayerView {
+                tar: st.new_layers.get(d).cloned(),
+                whole: st.whole_paths.get(d).cloned().unwrap_or_default(),
+            })
+            .collect();
+        let wanted = paths.len();
+        let settled: Vec<_> = tokio::task::spawn_blocking(move || {
+            paths
+                .into_iter()
+                .filter_map(|p| Some((p.clone(), layer_read::tree_from_layers(&layers, &p)?)))
+                .collect()
+        })
+        .await
+        .unwrap_or_default();
+        tracing::debug!(
+            wanted,
+            settled = settled.len(),
+            "contents from the stage's layers"
+        );
+        settled
     }
 
     /// Writes the pending images (one `docker load`).

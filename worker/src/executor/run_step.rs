@@ -129,9 +129,11 @@ impl DockerExecutor {
                 match changes {
                     Some(None) => Ok(()),
                     Some(Some(layer)) => {
-                        let diff = format!("sha256:{}", super::sha256::hex(&layer));
+                        let diff = format!("sha256:{}", super::sha256::hex(&layer.tar));
                         st.new_layers
-                            .insert(diff.clone(), std::sync::Arc::new(layer));
+                            .insert(diff.clone(), std::sync::Arc::new(layer.tar));
+                        st.whole_paths
+                            .insert(diff.clone(), std::sync::Arc::new(layer.whole));
                         st.state.layers.push(diff);
                         st.mirror = None;
                         Ok(())
