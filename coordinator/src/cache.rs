@@ -273,6 +273,10 @@ pub struct StageCache {
     pins: Mutex<BTreeMap<u64, BTreeSet<String>>>,
     /// When unreferenced blobs were last swept.
     last_sweep: Mutex<Option<std::time::Instant>>,
+    /// An upper bound of the cache's bytes (a record's shared blobs count in full), kept
+    /// from the last full pass plus what records grew by since; `None` until a first pass.
+    /// The cap lists every record only once this passes it, not after every write.
+    approx_bytes: Mutex<Option<u64>>,
 }
 
 pub fn now_ms() -> u64 {
@@ -324,6 +328,7 @@ impl StageCache {
             verified: Mutex::default(),
             pins: Mutex::default(),
             last_sweep: Mutex::new(None),
+            approx_bytes: Mutex::new(None),
         })
     }
 
@@ -349,8 +354,17 @@ impl StageCache {
     }
 
     fn put(&self, r: &StageRecord) -> Result<(), StoreError> {
+        let old = self
+            .index
+            .get(Tree::Stages, r.key.as_bytes())?
+            .and_then(|v| serde_json::from_slice::<StageRecord>(&v).ok())
+            .map_or(0, |o| o.size);
         let v = serde_json::to_vec(r).expect("records serialize");
-        self.index.put(Tree::Stages, r.key.as_bytes(), &v)
+        self.index.put(Tree::Stages, r.key.as_bytes(), &v)?;
+        if let Some(b) = self.approx_bytes.lock().unwrap().as_mut() {
+            *b = b.saturating_add(r.size.saturating_sub(old));
+        }
+        Ok(())
     }
 
     fn add(&self, counter: &[u8], n: u64) -> Result<(), StoreError> {
@@ -617,6 +631,9 @@ impl StageCache {
 
     fn enforce_cap(&self) -> Result<(), StoreError> {
         if let Some(max) = self.max_bytes {
+            if self.approx_bytes.lock().unwrap().is_some_and(|b| b <= max) {
+                return Ok(());
+            }
             let r = self.prune_inner(
                 &PruneOptions {
                     keep_bytes: Some(max),
@@ -669,6 +686,7 @@ impl StageCache {
                 keep.push(r);
             }
         }
+        *self.approx_bytes.lock().unwrap() = Some(total);
         if let Some(blobs) = &self.blobs {
             let kept: BTreeSet<&str> = keep
                 .iter()

@@ -178,3 +178,44 @@ fn shared_blobs_count_once_in_sizes_and_pruning() {
     assert!(blobs.contains(&shared) && !blobs.contains(&only_a));
     assert_eq!(cache.stats().unwrap().bytes, 120);
 }
+
+/// The size cap holds after every write in one process (it lists every record only once
+/// an upper bound of the size passes the cap, not after each write, so the bound must
+/// grow with each record and be reset by the full pass).
+#[test]
+fn the_size_cap_holds_write_after_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = StageCache::open(dir.path(), true)
+        .unwrap()
+        .with_max_bytes(Some(250));
+    let blobs: BlobStore = cache.blobs().unwrap().clone();
+    let mut keys = Vec::new();
+    for i in 0..8u8 {
+        let key = StageKey([10 + i; 32]);
+        let d = blobs.put(&[i; 100]).unwrap();
+        cache
+            .add_artifacts(
+                &[Artifact {
+                    stage_key: key,
+                    path: "/out".into(),
+                    digest: d.to_hex(),
+                    size: 100,
+                }],
+                "w",
+            )
+            .unwrap();
+        keys.push(key);
+        std::thread::sleep(Duration::from_millis(3));
+        let bytes = cache.stats().unwrap().bytes;
+        assert!(
+            bytes <= 250,
+            "after record {i}: {bytes} bytes over the 250 cap"
+        );
+    }
+    // The two most recent stay; the rest went with their blobs.
+    let kept: Vec<bool> = keys
+        .iter()
+        .map(|k| cache.get(k).unwrap().is_some())
+        .collect();
+    assert_eq!(kept, [false, false, false, false, false, false, true, true]);
+}
