@@ -446,8 +446,20 @@ pub async fn docker_load_file(
     docker: &Docker,
     archive: std::fs::File,
 ) -> Result<(), bollard::errors::Error> {
-    let file = tokio::fs::File::from_std(archive);
-    let chunks = futures::stream::unfold(Some(file), |f| async move {
+    let opts = ImportImageOptionsBuilder::default().quiet(true).build();
+    let mut s = docker.import_image(opts, bollard::body_try_stream(file_chunks(archive)), None);
+    while let Some(r) = s.next().await {
+        r?;
+    }
+    Ok(())
+}
+
+/// A file as a stream of 1 MiB chunks, for a request body that is never held in memory.
+fn file_chunks(
+    file: std::fs::File,
+) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+    let file = tokio::fs::File::from_std(file);
+    futures::stream::unfold(Some(file), |f| async move {
         use tokio::io::AsyncReadExt;
         let mut f = f?;
         let mut buf = vec![0u8; 1 << 20];
@@ -459,13 +471,7 @@ pub async fn docker_load_file(
             }
             Err(e) => Some((Err(e), None)),
         }
-    });
-    let opts = ImportImageOptionsBuilder::default().quiet(true).build();
-    let mut s = docker.import_image(opts, bollard::body_try_stream(chunks), None);
-    while let Some(r) = s.next().await {
-        r?;
-    }
-    Ok(())
+    })
 }
 
 /// Connects to the worker's daemon at a version it speaks.
@@ -820,19 +826,33 @@ impl TaskCtx {
         // Only paths: build an image holding just them, and read COPY --from there.
         let reference = paths_image_tag(&key, arts);
         if !self.has_image(&reference).await {
-            let mut rootfs = tar::Builder::new(Vec::new());
+            // Streamed through files: an artifact may be larger than memory.
+            let mut parts = Vec::with_capacity(arts.len());
             for art in arts {
-                let bytes = self.fetch_blob(&art.digest).await?;
-                reprefix(
-                    &mut rootfs,
-                    &bytes,
-                    parent_of(&art.path),
-                    base_of(&art.path),
-                )
-                .map_err(|e| StageError::new(format!("artifact {}: {e}", art.path)))?;
+                parts.push((self.fetch_blob_file(&art.digest).await?, art.path.clone()));
             }
-            let tar = rootfs
-                .into_inner()
+            let scratch = self.scratch.clone();
+            let rootfs = tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&scratch)?;
+                let tmp = tempfile::NamedTempFile::new_in(&scratch)?;
+                let mut out = tar::Builder::new(std::io::BufWriter::new(tmp.reopen()?));
+                for (file, path) in parts {
+                    reprefix(
+                        &mut out,
+                        std::io::BufReader::new(file),
+                        parent_of(&path),
+                        base_of(&path),
+                    )
+                    .map_err(|e| std::io::Error::other(format!("artifact {path}: {e}")))?;
+                }
+                out.into_inner()?.flush()?;
+                Ok::<_, std::io::Error>(tmp)
+            })
+            .await
+            .map_err(|e| StageError::new(e.to_string()))?
+            .map_err(|e| StageError::new(e.to_string()))?;
+            let file = rootfs
+                .reopen()
                 .map_err(|e| StageError::new(e.to_string()))?;
             let (repo, tag) = reference.split_once(':').expect("has a tag");
             let opts = CreateImageOptionsBuilder::default()
@@ -840,9 +860,11 @@ impl TaskCtx {
                 .repo(repo)
                 .tag(tag)
                 .build();
-            let mut s =
-                self.docker
-                    .create_image(Some(opts), Some(bollard::body_full(tar.into())), None);
+            let mut s = self.docker.create_image(
+                Some(opts),
+                Some(bollard::body_try_stream(file_chunks(file))),
+                None,
+            );
             while let Some(r) = s.next().await {
                 r.map_err(|e| StageError::new(format!("importing artifacts of {key}: {e}")))?;
             }
@@ -1120,9 +1142,9 @@ fn base_of(path: &str) -> &str {
 
 /// Copies an archive of one path (its root entry first) into `out` below `prefix`, with
 /// the root named `root` (an exported symlink's target arrives under its own name).
-fn reprefix(
-    out: &mut tar::Builder<Vec<u8>>,
-    archive: &[u8],
+fn reprefix<W: std::io::Write>(
+    out: &mut tar::Builder<W>,
+    archive: impl std::io::Read,
     prefix: String,
     root: &str,
 ) -> std::io::Result<()> {
@@ -1164,9 +1186,8 @@ fn reprefix(
             format!("{prefix}/{name}")
         };
         let mut h = e.header().clone();
-        let mut data = Vec::new();
-        e.read_to_end(&mut data)?;
-        match (e.header().entry_type(), e.link_name()?) {
+        let link = e.link_name()?.map(|l| l.into_owned());
+        match (h.entry_type(), link) {
             // Hard links name another entry of the same archive: move them along.
             (tar::EntryType::Link, Some(target)) => {
                 let t = rename(&target.to_string_lossy(), &first);
@@ -1181,7 +1202,7 @@ fn reprefix(
                 let target = target.to_path_buf();
                 out.append_link(&mut h, &full, target)?;
             }
-            (_, None) => out.append_data(&mut h, &full, data.as_slice())?,
+            (_, None) => out.append_data(&mut h, &full, &mut e)?,
         }
     }
     Ok(())
@@ -1213,7 +1234,13 @@ mod tests {
         src.append_data(&mut h, "real/f", &b"hi"[..]).unwrap();
         let archive = src.into_inner().unwrap();
         let mut out = tar::Builder::new(Vec::new());
-        reprefix(&mut out, &archive, "opt".into(), base_of("/opt/dir")).unwrap();
+        reprefix(
+            &mut out,
+            archive.as_slice(),
+            "opt".into(),
+            base_of("/opt/dir"),
+        )
+        .unwrap();
         let bytes = out.into_inner().unwrap();
         let names: Vec<String> = tar::Archive::new(&bytes[..])
             .entries()
