@@ -99,4 +99,36 @@ fn explain_names_the_changed_file_and_build_arg() {
         err.contains("#0 builder rebuilt: build arg VERSION 1 → 2"),
         "{err}"
     );
+
+    // --progress json gives them as a `stage_reasons` event after the stage starts.
+    let (ok, out, err) = run(
+        &[
+            "submit",
+            ctx_s,
+            "--output",
+            "type=none",
+            "--progress",
+            "json",
+            "--build-arg",
+            "VERSION=3",
+        ],
+        data.path(),
+    );
+    assert!(ok, "{err}");
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let at = |kind: &str| {
+        events
+            .iter()
+            .position(|e| e["event"] == kind && e["stage"] == 0)
+            .unwrap_or_else(|| panic!("no {kind} for stage 0 in {out}"))
+    };
+    assert!(at("stage_started") < at("stage_reasons"), "{out}");
+    assert_eq!(
+        events[at("stage_reasons")]["reasons"],
+        serde_json::json!(["build arg VERSION 2 → 3"]),
+        "{out}"
+    );
 }
