@@ -12,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-5}
 examples/base-images.sh >/dev/null
+. bench/images.sh
 # DBUILD_BIN=path measures a given binary instead of building one.
 if [ -z "${DBUILD_BIN:-}" ]; then cargo build --release -q -p dbuild; fi
 dbuild=${DBUILD_BIN:-$PWD/target/release/dbuild}
@@ -22,6 +23,7 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$work"
+  drop_new_images
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM

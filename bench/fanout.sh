@@ -10,13 +10,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
 examples/base-images.sh >/dev/null
+. bench/images.sh
 # DBUILD_BIN=path measures a given binary instead of building one.
 if [ -z "${DBUILD_BIN:-}" ]; then cargo build --release -q; fi
 dbuild=${DBUILD_BIN:-$PWD/target/release/dbuild}
 
 ctx=$(mktemp -d)
 data=$(mktemp -d)
-trap 'rm -rf "$ctx" "$data"' EXIT
+trap 'rm -rf "$ctx" "$data"; drop_new_images' EXIT
 {
   for i in 1 2 3 4 5 6; do
     printf 'FROM alpine:latest AS s%s\nRUN sleep 3 && echo %s-$RANDOM > /out\n\n' "$i" "$i"

@@ -12,12 +12,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-1}
 examples/base-images.sh >/dev/null
+. bench/images.sh
 # DBUILD_BIN=path measures a given binary instead of building one.
 if [ -z "${DBUILD_BIN:-}" ]; then cargo build --release -q; fi
 dbuild=${DBUILD_BIN:-$PWD/target/release/dbuild}
 work=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; drop_new_images; }
 trap cleanup EXIT
 
 mkdir -p "$work/ctx"
