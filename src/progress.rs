@@ -49,12 +49,16 @@ pub async fn render(
                 let _ = serde_json::to_writer(&mut out, &e);
                 let _ = writeln!(out);
                 // Why a started stage is rebuilt, as plain progress prints it.
-                if let BuildEvent::StageStarted { stage, name, .. } = &e {
+                if let BuildEvent::StageStarted {
+                    stage, name, key, ..
+                } = &e
+                {
                     if let Some(reasons) = why.get(stage).filter(|r| !r.is_empty()) {
                         let line = serde_json::json!({
                             "event": "stage_reasons",
                             "stage": stage,
                             "name": name,
+                            "key": key,
                             "reasons": reasons,
                         });
                         let _ = writeln!(out, "{line}");

@@ -359,6 +359,7 @@ const EVENTS: &[&str] = &[
     "stage_finished",
     "stage_cached",
     "stage_failed",
+    "stage_reasons",
     "log",
     "build_finished",
 ];
