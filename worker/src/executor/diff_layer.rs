@@ -42,6 +42,13 @@ struct Fetched {
     whole: bool,
 }
 
+/// Paths in tree order: a directory, then everything below it, then its next sibling. A
+/// plain string sort puts `/out.stamp` between `/out` and `/out/bin` (`.` sorts before
+/// `/`), which would end the skip of what an added or deleted `/out` already covers.
+fn tree_order(a: &str, b: &str) -> std::cmp::Ordering {
+    a.split('/').cmp(b.split('/'))
+}
+
 /// Whether `path` is strictly below `dir`.
 fn below(path: &str, dir: &str) -> bool {
     dir == "/" || path.strip_prefix(dir).is_some_and(|r| r.starts_with('/'))
@@ -75,7 +82,7 @@ pub async fn layer_from_changes(
         .filter(|c| !targets.iter().any(|t| below(&c.path, t)))
         .map(|c| (c.path, c.kind))
         .collect();
-    changes.sort();
+    changes.sort_by(|a, b| tree_order(&a.0, &b.0));
     if changes.is_empty() {
         return Ok(Some(None));
     }
@@ -324,6 +331,30 @@ pub fn append_whiteout<W: std::io::Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changes_sort_in_tree_order() {
+        let mut paths = vec![
+            "/out.stamp",
+            "/out/bin/sh",
+            "/out",
+            "/out-x",
+            "/out/bin",
+            "/a",
+        ];
+        paths.sort_by(|a, b| tree_order(a, b));
+        assert_eq!(
+            paths,
+            [
+                "/a",
+                "/out",
+                "/out/bin",
+                "/out/bin/sh",
+                "/out-x",
+                "/out.stamp"
+            ]
+        );
+    }
 
     fn archive(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());

@@ -116,6 +116,8 @@ fn scan(tar: &[u8], whole: &[String], rel: &str) -> std::io::Result<Seen> {
             continue;
         }
         mentioned = true;
+        // (The tar crate puts PAX `uid`/`gid` records, which Docker writes for ids past
+        // 2^21, into the header, as it does for the archive read.)
         let h = entry.header();
         let (mode, uid, gid) = (h.mode()? & 0o7777, h.uid()? as u32, h.gid()? as u32);
         let kind = match kind {
@@ -178,6 +180,13 @@ fn scan(tar: &[u8], whole: &[String], rel: &str) -> std::io::Result<Seen> {
     }
     let mut entries = vec![root];
     entries.extend(below);
+    // A path written twice in one layer (the later one wins when it is applied) is not
+    // what a read of the image lists.
+    let distinct: std::collections::HashSet<&str> =
+        entries.iter().map(|e| e.rel.as_str()).collect();
+    if distinct.len() != entries.len() {
+        return Ok(Seen::Unknown);
+    }
     Ok(Seen::Found(SourceTree {
         name: rel.rsplit('/').next().unwrap_or("").to_string(),
         path: rel.to_string(),

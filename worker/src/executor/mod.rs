@@ -356,7 +356,11 @@ impl DockerExecutor {
         .await
         .map_err(|e| docker::derr(format!("the stage image {stage_tag}"), e))?;
         let image_id = image.id.unwrap_or_default();
-        {
+        // The trees describe this stage's layers: kept for the image the tag names only if
+        // it has exactly those (a concurrent build of the same key may have retagged it).
+        let same_layers =
+            image.root_fs.as_ref().and_then(|r| r.layers.as_ref()) == Some(&st.state.layers);
+        if same_layers {
             let mut trees = self.trees.lock().unwrap();
             for (path, t) in from_layers {
                 trees.put(&image_id, &path, vec![t]);
