@@ -354,17 +354,16 @@ impl StageCache {
     }
 
     fn put(&self, r: &StageRecord) -> Result<(), StoreError> {
-        let old = self
-            .index
-            .get(Tree::Stages, r.key.as_bytes())?
-            .and_then(|v| serde_json::from_slice::<StageRecord>(&v).ok())
-            .map_or(0, |o| o.size);
         let v = serde_json::to_vec(r).expect("records serialize");
-        self.index.put(Tree::Stages, r.key.as_bytes(), &v)?;
+        self.index.put(Tree::Stages, r.key.as_bytes(), &v)
+    }
+
+    /// Counts a record's growth into the size bound. Only the writers that add to a record
+    /// (`add_artifacts`, `stage_built`) call it: every other write keeps or shrinks one.
+    fn grew(&self, from: u64, to: u64) {
         if let Some(b) = self.approx_bytes.lock().unwrap().as_mut() {
-            *b = b.saturating_add(r.size.saturating_sub(old));
+            *b = b.saturating_add(to.saturating_sub(from));
         }
-        Ok(())
     }
 
     fn add(&self, counter: &[u8], n: u64) -> Result<(), StoreError> {
@@ -509,8 +508,10 @@ impl StageCache {
             }
             r.holders.insert(worker.to_string());
             r.last_used_ms = now;
+            let before = r.size;
             r.size = r.blob_bytes();
             self.put(&r)?;
+            self.grew(before, r.size);
         }
         drop(_g);
         self.enforce_cap()
@@ -577,12 +578,14 @@ impl StageCache {
         r.tags.extend(tags.iter().cloned());
         r.contents
             .extend(contents.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let before = r.size;
         r.size = if self.blobs.is_some() {
             r.blob_bytes()
         } else {
             image_size
         };
         self.put(&r)?;
+        self.grew(before, r.size);
         self.add(MISSES, 1)?;
         drop(_g);
         self.enforce_cap()

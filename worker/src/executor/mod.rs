@@ -199,16 +199,25 @@ impl DockerExecutor {
         image: &str,
         paths: &[String],
     ) -> std::collections::BTreeMap<String, String> {
+        match self.daemon.inspect(image).await {
+            Ok(Some((id, _))) => self.id_contents(res, &id, paths).await,
+            _ => Default::default(),
+        }
+    }
+
+    /// [`Self::image_contents`] of an image by its full id, known to be on the daemon.
+    async fn id_contents(
+        &self,
+        res: &Resources,
+        id: &str,
+        paths: &[String],
+    ) -> std::collections::BTreeMap<String, String> {
         let mut out = std::collections::BTreeMap::new();
-        let id = match self.daemon.inspect(image).await {
-            Ok(Some((id, _))) => id,
-            _ => return out,
-        };
         let cached: Vec<(String, Arc<Vec<tree::SourceTree>>)> = {
             let trees = self.trees.lock().unwrap();
             paths
                 .iter()
-                .filter_map(|p| Some((p.clone(), trees.get(&id, &config::clean_abs(p))?)))
+                .filter_map(|p| Some((p.clone(), trees.get(id, &config::clean_abs(p))?)))
                 .collect()
         };
         for (p, t) in &cached {
@@ -218,10 +227,10 @@ impl DockerExecutor {
         if paths.is_empty() {
             return out;
         }
-        let container = match self.new_read_container(res, &id, "contents").await {
+        let container = match self.new_read_container(res, id, "contents").await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(image, error = %e, "cannot read the stage's contents");
+                tracing::warn!(image = id, error = %e, "cannot read the stage's contents");
                 return out;
             }
         };
@@ -236,7 +245,7 @@ impl DockerExecutor {
                     self.trees
                         .lock()
                         .unwrap()
-                        .put(&id, &config::clean_abs(p), trees);
+                        .put(id, &config::clean_abs(p), trees);
                 }
                 Err(e) => tracing::debug!(path = %p, error = %e, "no contents for path"),
             }
@@ -371,7 +380,7 @@ impl DockerExecutor {
         } else {
             docker::timed(
                 "contents",
-                self.image_contents(res, &image_id, &task.digest_paths),
+                self.id_contents(res, &image_id, &task.digest_paths),
             )
             .await
         };
