@@ -71,6 +71,20 @@ pub async fn layer_from_changes(
     skip: &[String],
     targets: &[String],
 ) -> Result<Option<Option<RunLayer>>, StageError> {
+    if skip.is_empty() && targets.is_empty() && daemon.read_upper {
+        if let Some(dirs) = super::upper::container_dirs(&daemon.docker, container).await {
+            let read = tokio::task::spawn_blocking(move || {
+                super::upper::layer_from_upper(&dirs, MAX_BYTES)
+            });
+            match timed("upper dir", read).await {
+                Ok(Ok(layer)) => return Ok(layer),
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "upper directory not readable as a layer; using the change list")
+                }
+                Err(e) => tracing::debug!(error = %e, "upper directory read failed"),
+            }
+        }
+    }
     let changes = timed("changes", daemon.docker.container_changes(container))
         .await
         .map_err(|e| derr("list the container's changes", e))?

@@ -178,6 +178,9 @@ pub struct Daemon {
     /// `dbuild-w-<worker>`: prefix of every container and temporary volume name.
     pub prefix: String,
     counter: Arc<AtomicU64>,
+    /// Whether a RUN's layer may be read from the container's overlay upper directory
+    /// when this process sees it (`upper.rs`); `DBUILD_UPPER_DIR=0` turns that off.
+    pub read_upper: bool,
 }
 
 impl Daemon {
@@ -215,6 +218,7 @@ impl Daemon {
             docker,
             prefix: format!("dbuild-w-{clean}"),
             counter: Arc::new(AtomicU64::new(0)),
+            read_upper: std::env::var("DBUILD_UPPER_DIR").map_or(true, |v| v != "0"),
         })
     }
 

@@ -15,6 +15,7 @@ mod run_step;
 pub mod sha256;
 mod steps;
 mod tree;
+pub mod upper;
 mod users;
 mod vars;
 
@@ -73,6 +74,13 @@ impl DockerExecutor {
     /// machines without a bridge); `RUN --network=none|host` still wins.
     pub fn with_run_network(mut self, mode: &str) -> Self {
         self.run_network = Some(mode.to_string());
+        self
+    }
+
+    /// Never reads a RUN's layer from the container's upper directory: always the
+    /// daemon's change list and archive API, as for a daemon on another host.
+    pub fn without_upper_dir(mut self) -> Self {
+        self.daemon.read_upper = false;
         self
     }
 

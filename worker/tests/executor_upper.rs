@@ -1,0 +1,168 @@
+//! A RUN's layer read from the container's overlay upper directory: what it writes, and
+//! that an image built that way is the image the daemon's change list gives, and
+//! BuildKit's.
+mod common;
+
+use common::*;
+use worker::executor::upper;
+
+/// The daemon's storage driver.
+fn storage_driver() -> String {
+    docker(&["info", "--format", "{{.Driver}}"])
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Whether this test process can read the daemon's overlay directories (a worker beside
+/// its daemon, as root): then the fast path must be taken, never silently skipped.
+fn upper_expected() -> bool {
+    let overlay = ["overlay2", "fuse-overlayfs"].contains(&storage_driver().as_str());
+    overlay && unsafe { libc::geteuid() } == 0
+}
+
+/// (path, type, mode, uid:gid, link) of every entry of a layer tar, in order.
+fn entries(layer: &[u8]) -> Vec<(String, String, u32, String, String)> {
+    let mut ar = tar::Archive::new(layer);
+    ar.entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let h = e.header();
+            (
+                e.path().unwrap().to_string_lossy().to_string(),
+                format!("{:?}", h.entry_type()),
+                h.mode().unwrap(),
+                format!("{}:{}", h.uid().unwrap(), h.gid().unwrap()),
+                e.link_name()
+                    .unwrap()
+                    .map(|l| l.to_string_lossy().to_string())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_upper_dir_layer_holds_exactly_what_the_run_changed() {
+    let ex = executor("tupperlayer").await;
+    if !upper_expected() {
+        eprintln!(
+            "storage driver {} or not root: the upper directory is not read here",
+            storage_driver()
+        );
+        return;
+    }
+    // A base with a directory the RUN replaces, so its opaque mark has something to hide.
+    let base = docker(&[
+        "run",
+        "-d",
+        "--network",
+        "none",
+        BUSYBOX,
+        "sh",
+        "-c",
+        "mkdir -p /old/sub && echo o > /old/sub/x && echo k > /old/keep",
+    ])
+    .unwrap()
+    .trim()
+    .to_string();
+    docker(&["wait", &base]).unwrap();
+    let image = docker(&["commit", &base]).unwrap().trim().to_string();
+    docker(&["rm", &base]).unwrap();
+    let script = "rm /bin/vi && rm -rf /old && mkdir /old && echo new > /old/n \
+        && mkdir -p /added/a/b && echo 1 > /added/a/one && chmod 700 /added/a/b \
+        && chown 7:8 /added/a/one && ln /added/a/one /added/hl && ln -s a/one /added/sl \
+        && mkfifo /added/fifo && echo big > /big && chown 3000000:3000001 /big \
+        && chmod 0700 /tmp && echo more >> /etc/passwd";
+    let c = docker(&["run", "-d", "--network", "none", &image, "sh", "-c", script])
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(docker(&["wait", &c]).unwrap().trim(), "0");
+    let dirs = upper::container_dirs(ex.docker(), &c)
+        .await
+        .expect("the upper directory of a container on this daemon");
+    let layer = upper::layer_from_upper(&dirs, 1 << 20)
+        .expect("read the upper directory")
+        .expect("under the byte limit")
+        .expect("the RUN changed something");
+    let too_small = upper::layer_from_upper(&dirs, 4).unwrap();
+    docker(&["rm", &c]).unwrap();
+    docker(&["rmi", &image]).unwrap();
+    assert!(
+        too_small.is_none(),
+        "a layer past the byte limit is refused"
+    );
+
+    let got = entries(&layer.tar);
+    let names: Vec<(&str, &str, &str)> = got
+        .iter()
+        .map(|(p, t, _, _, l)| (p.as_str(), t.as_str(), l.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            ("added/", "Directory", ""),
+            ("added/a/", "Directory", ""),
+            ("added/a/b/", "Directory", ""),
+            ("added/a/one", "Regular", ""),
+            ("added/fifo", "Fifo", ""),
+            ("added/hl", "Link", "added/a/one"),
+            ("added/sl", "Symlink", "a/one"),
+            ("big", "Regular", ""),
+            ("bin/", "Directory", ""),
+            ("bin/.wh.vi", "Regular", ""),
+            ("etc/", "Directory", ""),
+            ("etc/passwd", "Regular", ""),
+            ("old/", "Directory", ""),
+            ("old/.wh..wh..opq", "Regular", ""),
+            ("old/n", "Regular", ""),
+            ("tmp/", "Directory", ""),
+        ],
+        "{got:#?}"
+    );
+    let by_path = |p: &str| got.iter().find(|e| e.0 == p).unwrap();
+    assert_eq!(by_path("added/a/b/").2, 0o700);
+    assert_eq!(by_path("added/a/one").3, "7:8");
+    assert_eq!(by_path("big").3, "3000000:3000001");
+    assert_eq!(by_path("tmp/").2, 0o700);
+    // Added paths are held whole; a replaced directory is not added.
+    assert_eq!(layer.whole, ["/added", "/big"]);
+}
+
+/// The same Dockerfile built reading upper directories, built from the daemon's change
+/// list, and built by BuildKit: one filesystem.
+#[tokio::test]
+async fn images_from_the_upper_dir_equal_change_list_and_buildkit_images() {
+    let fast = executor("tupperfast").await;
+    let slow = executor("tupperslow").await.without_upper_dir();
+    let dir = tempfile::tempdir().unwrap();
+    // Each executor gets its own keys (a label first), or the second would reuse the
+    // first one's images; the process id keeps earlier runs' images out too.
+    let pid = std::process::id();
+    let df = |variant: &str| {
+        format!(
+            "FROM {BUSYBOX}\nLABEL variant={variant}-{pid}\n\
+         RUN mkdir -p /old/sub && echo o > /old/sub/x && echo k > /old/keep && mkdir /kept\n\
+         RUN rm /bin/vi && rm -rf /old && mkdir /old && echo new > /old/n \
+           && mkdir -p /added/a/b && echo 1 > /added/a/one && chmod 700 /added/a/b \
+           && chown 7:8 /added/a/one && ln /added/a/one /added/hl && ln -s a/one /added/sl \
+           && echo big > /big && chown 3000000:3000001 /big && chmod 0700 /tmp \
+           && echo more >> /etc/passwd && rmdir /kept && touch /kept\n\
+         RUN rm -rf /added/a && echo again > /big\n"
+        )
+    };
+    let ours = build_ours(&fast, dir.path(), &df("fast")).await;
+    let reference = build_ours(&slow, dir.path(), &df("slow")).await;
+    let fs_fast = image_fs(&ours);
+    let fs_slow = image_fs(&reference);
+    let d = diff(&fs_fast, &fs_slow);
+    assert!(d.is_empty(), "upper dir vs change list:\n{}", d.join("\n"));
+    let tag = format!("dbuild-worker-test/upper-bk-{pid}");
+    build_buildkit(dir.path(), &df("fast"), &tag);
+    assert_same(&ours, &tag);
+    docker(&["rmi", &tag]).unwrap();
+    assert!(leftovers(&fast).await.is_empty());
+    assert!(leftovers(&slow).await.is_empty());
+}
