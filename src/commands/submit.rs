@@ -133,13 +133,14 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
         return super::remote::submit(args, &url, &dockerfile, analysis, secrets, &output).await;
     }
 
+    let data = data_dir(args.spec.data_dir.clone());
     let executor: Arc<dyn Executor> = Arc::new(
         worker::DockerExecutor::connect(args.docker_host.as_deref(), "local")
             .await
-            .context("connecting to the Docker daemon")?,
+            .context("connecting to the Docker daemon")?
+            .with_scratch_dir(&data.join("tmp")),
     );
     let (pinned, keys) = pin_and_key(&*executor, &analysis, args.pull).await?;
-    let data = data_dir(args.spec.data_dir.clone());
     let history = open_index(&data);
     let history_id = dockerfile_id(&dockerfile);
     let why = history

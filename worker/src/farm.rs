@@ -227,7 +227,8 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
     let executor = Arc::new(
         DockerExecutor::connect(cfg.docker_host.as_deref(), &cfg.name)
             .await
-            .map_err(|e| WorkerError::Docker(e.message))?,
+            .map_err(|e| WorkerError::Docker(e.message))?
+            .with_scratch_dir(&cfg.data_dir.join("tmp")),
     );
     let docker = connect_docker(cfg.docker_host.as_deref()).await?;
     let blobs =

@@ -81,6 +81,20 @@ pub async fn timed<T>(what: &str, f: impl std::future::Future<Output = T>) -> T 
     out
 }
 
+/// Whether this process can read the daemon's storage directory
+/// (`<DockerRootDir>/<driver>`).
+async fn sees_storage(docker: &Docker) -> bool {
+    let Ok(info) = docker.info().await else {
+        return false;
+    };
+    let (Some(root), Some(driver)) = (info.docker_root_dir, info.driver) else {
+        return false;
+    };
+    let seen = std::fs::read_dir(std::path::Path::new(&root).join(&driver)).is_ok();
+    tracing::debug!(root, driver, seen, "the daemon's storage, seen from here");
+    seen
+}
+
 /// Layers written by the executor that the daemon does not have yet: diff id → tar.
 pub type NewLayers = HashMap<String, Arc<Vec<u8>>>;
 
@@ -178,9 +192,18 @@ pub struct Daemon {
     /// `dbuild-w-<worker>`: prefix of every container and temporary volume name.
     pub prefix: String,
     counter: Arc<AtomicU64>,
-    /// Whether a RUN's layer may be read from the container's overlay upper directory
-    /// when this process sees it (`upper.rs`); `DBUILD_UPPER_DIR=0` turns that off.
-    pub read_upper: bool,
+    /// Whether the shortcuts open to a worker beside its daemon may be taken when this
+    /// process sees the daemon's storage: a RUN's layer read from the container's upper
+    /// directory (`upper.rs`), a `--network=none` RUN without a network sandbox
+    /// (`run.rs`). `DBUILD_LOCAL_SHORTCUTS=0` turns them off.
+    pub local_shortcuts: bool,
+    /// Whether the daemon's storage directory is readable here (asked once).
+    sees_storage: Arc<tokio::sync::OnceCell<bool>>,
+    /// Where files the daemon bind-mounts into a RUN are written (a directory the
+    /// daemon sees too: the worker's data directory).
+    pub scratch: std::path::PathBuf,
+    /// Cleared when the daemon refused a bind mount of `scratch` (it cannot see it).
+    pub scratch_visible: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Daemon {
@@ -214,12 +237,37 @@ impl Daemon {
                 }
             })
             .collect();
+        let local_shortcuts = std::env::var("DBUILD_LOCAL_SHORTCUTS").map_or(true, |v| v != "0");
+        let seen: Arc<tokio::sync::OnceCell<bool>> = Default::default();
+        if local_shortcuts {
+            // Asked now, so the first RUN does not wait for it.
+            let (seen, docker) = (seen.clone(), docker.clone());
+            tokio::spawn(async move {
+                seen.get_or_init(|| sees_storage(&docker)).await;
+            });
+        }
         Ok(Daemon {
             docker,
             prefix: format!("dbuild-w-{clean}"),
             counter: Arc::new(AtomicU64::new(0)),
-            read_upper: std::env::var("DBUILD_UPPER_DIR").map_or(true, |v| v != "0"),
+            local_shortcuts,
+            sees_storage: seen,
+            scratch: std::env::temp_dir(),
+            scratch_visible: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         })
+    }
+
+    /// Whether the local shortcuts are on and this process can read the daemon's storage
+    /// directory (`<DockerRootDir>/<driver>`): a worker beside its daemon with its
+    /// permissions. Asked of the daemon once.
+    pub async fn beside_daemon(&self) -> bool {
+        if !self.local_shortcuts {
+            return false;
+        }
+        *self
+            .sees_storage
+            .get_or_init(|| sees_storage(&self.docker))
+            .await
     }
 
     /// A name no other object of this process uses: `<prefix>-<pid>-<n>`.

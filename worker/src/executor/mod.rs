@@ -77,10 +77,20 @@ impl DockerExecutor {
         self
     }
 
-    /// Never reads a RUN's layer from the container's upper directory: always the
-    /// daemon's change list and archive API, as for a daemon on another host.
-    pub fn without_upper_dir(mut self) -> Self {
-        self.daemon.read_upper = false;
+    /// Takes none of the shortcuts open beside the daemon (see [`Self::with_scratch_dir`]):
+    /// RUN layers come from the daemon's change list and archive API, and every RUN
+    /// gets the daemon's own network sandbox, as on a daemon of another host.
+    pub fn without_local_shortcuts(mut self) -> Self {
+        self.daemon.local_shortcuts = false;
+        self
+    }
+
+    /// Where to write files the daemon bind-mounts into RUN containers (default: the
+    /// system's temporary directory). It must be a directory the daemon sees at the same
+    /// path; when it refuses one, RUNs go on without the shortcut.
+    pub fn with_scratch_dir(mut self, dir: &std::path::Path) -> Self {
+        // A bind mount's source is an absolute path.
+        self.daemon.scratch = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
         self
     }
 

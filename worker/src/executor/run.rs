@@ -2,6 +2,7 @@
 //! it with output streamed and cancellation honoured (its mounts: `mounts.rs`; its
 //! environment: `vars.rs`).
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -76,6 +77,81 @@ pub struct RunSpec {
     pub tmpfs: HashMap<String, String>,
 }
 
+/// The `/etc/hosts` Docker writes for a container without a network.
+const HOSTS_NONE: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
+    fe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\n\
+    ff02::2\tip6-allrouters\n";
+
+/// A `--network=none` container without the daemon's network sandbox, and the files it
+/// bind-mounts, or `None` when that does not apply.
+///
+/// For network mode `none` the daemon still sets up a sandbox (a network namespace and
+/// the `/etc/hosts` and `/etc/resolv.conf` it bind-mounts), which is half of a
+/// container's start: 0.19 s of 0.29 here, and more when six start at once. With
+/// `NetworkDisabled` the runtime gives the container a fresh namespace with only its
+/// loopback up, which is what `none` means; the two files are then bind-mounted from
+/// the worker's scratch directory, with what the daemon would have written. Only beside
+/// the daemon (it must see the files), and only when no mount of the RUN's own is at
+/// those paths.
+fn sandbox_free(
+    daemon: &Daemon,
+    body: &ContainerCreateBody,
+) -> Option<(tempfile::TempDir, ContainerCreateBody)> {
+    let hc = body.host_config.as_ref()?;
+    if hc.network_mode.as_deref() != Some("none") || !daemon.scratch_visible.load(Ordering::Relaxed)
+    {
+        return None;
+    }
+    const FILES: [&str; 2] = ["/etc/hosts", "/etc/resolv.conf"];
+    let taken = |t: &str| {
+        FILES
+            .iter()
+            .any(|f| t == *f || f.starts_with(&format!("{t}/")))
+    };
+    let own = hc
+        .mounts
+        .iter()
+        .flatten()
+        .filter_map(|m| m.target.as_deref());
+    let tmpfs = hc.tmpfs.iter().flat_map(|t| t.keys().map(String::as_str));
+    if own
+        .chain(tmpfs)
+        .any(|t| taken(t.trim_end_matches('/')) || t == "/")
+    {
+        return None;
+    }
+    let write = || -> std::io::Result<tempfile::TempDir> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(&daemon.scratch)?;
+        let dir = tempfile::Builder::new()
+            .prefix("dbuild-net-")
+            .tempdir_in(&daemon.scratch)?;
+        let resolv = std::fs::read("/etc/resolv.conf").unwrap_or_default();
+        for (name, data) in [("hosts", HOSTS_NONE.as_bytes()), ("resolv.conf", &resolv)] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, data)?;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))?;
+        }
+        Ok(dir)
+    };
+    let dir = write()
+        .map_err(|e| tracing::debug!(error = %e, "cannot write a RUN's network files"))
+        .ok()?;
+    let mut fast = body.clone();
+    fast.network_disabled = Some(true);
+    let hc = fast.host_config.get_or_insert_with(Default::default);
+    let mounts = hc.mounts.get_or_insert_with(Vec::new);
+    for (name, target) in [("hosts", FILES[0]), ("resolv.conf", FILES[1])] {
+        mounts.push(DockerMount {
+            target: Some(target.to_string()),
+            source: Some(dir.path().join(name).to_string_lossy().into_owned()),
+            typ: Some(bollard::models::MountType::BIND),
+            ..Default::default()
+        });
+    }
+    Some((dir, fast))
+}
+
 /// How a RUN ended.
 pub enum RunOutcome {
     Exited {
@@ -117,7 +193,27 @@ pub async fn run_container(
         }),
         ..Default::default()
     };
-    let id = daemon.create(body, res).await?;
+    // Kept until the container has exited: the files its bind mounts show.
+    let mut _net_files = None;
+    let id = match sandbox_free(daemon, &body) {
+        Some((files, fast)) if daemon.beside_daemon().await => {
+            match daemon.create(fast, res).await {
+                Ok(id) => {
+                    _net_files = Some(files);
+                    id
+                }
+                Err(e) => {
+                    // Most likely the daemon cannot see the scratch directory.
+                    tracing::debug!(error = %e.message, "no RUN without a network sandbox here");
+                    if e.message.contains("bind") {
+                        daemon.scratch_visible.store(false, Ordering::Relaxed);
+                    }
+                    daemon.create(body, res).await?
+                }
+            }
+        }
+        _ => daemon.create(body, res).await?,
+    };
     if cancel.is_cancelled() {
         return Ok(RunOutcome::Cancelled);
     }

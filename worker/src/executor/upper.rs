@@ -20,6 +20,9 @@
 //! - a deletion is a `.wh.` whiteout; a directory that was replaced (opaque, over one a
 //!   lower layer has) also carries the `.wh..wh..opq` marker, so nothing of the old one
 //!   shows through;
+//! - a file only copied up (a hard link made to a lower file, a chmod to the mode it had)
+//!   is the same as below and not written, as the daemon's diff and BuildKit's leave it
+//!   out;
 //! - fuse-overlayfs's own marks (the `.wh..wh..opq` file and `.wh..opq` device it leaves
 //!   in every directory it created, its `user.fuseoverlayfs.*` attributes) are not content.
 //!
@@ -153,7 +156,16 @@ impl Walk<'_> {
                 self.entries += 1;
                 continue;
             }
-            let added = new || !self.lower_has(&p);
+            let lower = if new { Lower::Absent } else { self.lower(&p)? };
+            if let Lower::Found(lh, lmeta) = &lower {
+                // Copied up but the same as below (a hard link made to a lower file, a
+                // chmod to the mode it had): not a change, as the daemon's diff and
+                // BuildKit's see it.
+                if !ft.is_dir() && same_entry(&h, &meta, &marks, lh, lmeta)? {
+                    continue;
+                }
+            }
+            let added = matches!(lower, Lower::Absent);
             if added && !new {
                 self.whole.push(p.clone());
             }
@@ -234,36 +246,88 @@ impl Walk<'_> {
         self.out.append_data(hd, rel, data)
     }
 
-    /// Whether any lower layer names absolute `path` (shown or hidden: a replaced
-    /// directory is opaque, so this only decides whether the RUN added the path). A
-    /// symlink on the way cannot be followed on the host: it counts as a yes, which only
-    /// costs the layer reader a shortcut.
-    fn lower_has(&self, path: &str) -> bool {
+    /// What the lower layers show at absolute `path`, the way the overlay merges them:
+    /// the topmost layer naming it wins, a whiteout or a non-directory on the way hides
+    /// it, and an opaque directory on the way hides what lies below that layer.
+    fn lower(&self, path: &str) -> io::Result<Lower> {
         let parts: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
-        'lowers: for l in self.lowers {
+        for l in self.lowers {
             let mut at = l.clone();
+            let mut opaque_above = false;
             for (i, c) in parts.iter().enumerate() {
+                if at.join(format!(".wh.{c}")).symlink_metadata().is_ok() {
+                    return Ok(Lower::Absent);
+                }
                 at.push(c);
                 let Ok(meta) = std::fs::symlink_metadata(&at) else {
-                    continue 'lowers;
+                    if opaque_above {
+                        return Ok(Lower::Absent);
+                    }
+                    break;
                 };
                 let ft = meta.file_type();
+                if ft.is_char_device() && meta.rdev() == 0 {
+                    return Ok(Lower::Absent);
+                }
                 if i + 1 == parts.len() {
-                    if ft.is_char_device() && meta.rdev() == 0 {
-                        continue 'lowers;
-                    }
-                    return true;
+                    return Ok(Lower::Found(at, meta));
                 }
                 if ft.is_symlink() {
-                    return true;
+                    // Resolving it on the host is not resolving it in the image.
+                    return Ok(Lower::Unsure);
                 }
                 if !ft.is_dir() {
-                    continue 'lowers;
+                    return Ok(Lower::Absent);
                 }
+                opaque_above |=
+                    Marks::read(&at)?.opaque || at.join(OPAQUE_FILE).symlink_metadata().is_ok();
             }
         }
-        false
+        Ok(Lower::Absent)
     }
+}
+
+/// What the lower layers show at a path.
+enum Lower {
+    /// Nothing: the path is new.
+    Absent,
+    /// A symlink lies on the way: treated as there, so nothing is taken for new.
+    Unsure,
+    /// This entry (host path and its metadata).
+    Found(PathBuf, std::fs::Metadata),
+}
+
+/// Whether an upper entry (not a directory) is the lower one unchanged: type, mode,
+/// owner, device, size, mtime, link target and capability all equal, and the content too
+/// when neither mtime has nanoseconds (a coarse clock could hide a write).
+fn same_entry(
+    h: &Path,
+    meta: &std::fs::Metadata,
+    marks: &Marks,
+    lh: &Path,
+    lmeta: &std::fs::Metadata,
+) -> io::Result<bool> {
+    if meta.mode() != lmeta.mode()
+        || meta.uid() != lmeta.uid()
+        || meta.gid() != lmeta.gid()
+        || meta.rdev() != lmeta.rdev()
+        || meta.len() != lmeta.len()
+        || meta.mtime() != lmeta.mtime()
+        || meta.mtime_nsec() != lmeta.mtime_nsec()
+    {
+        return Ok(false);
+    }
+    if Marks::read(lh)?.capability != marks.capability {
+        return Ok(false);
+    }
+    let ft = meta.file_type();
+    if ft.is_symlink() {
+        return Ok(std::fs::read_link(h)? == std::fs::read_link(lh)?);
+    }
+    if ft.is_file() && meta.mtime_nsec() == 0 {
+        return Ok(std::fs::read(h)? == std::fs::read(lh)?);
+    }
+    Ok(true)
 }
 
 /// The image-relative tar name of absolute `path`.

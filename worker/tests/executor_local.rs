@@ -1,6 +1,7 @@
-//! A RUN's layer read from the container's overlay upper directory: what it writes, and
-//! that an image built that way is the image the daemon's change list gives, and
-//! BuildKit's.
+//! The shortcuts of a worker beside its daemon. A RUN's layer read from the container's
+//! overlay upper directory: what it writes, and that an image built that way is the image
+//! the daemon's change list gives, and BuildKit's. A `--network=none` RUN without the
+//! daemon's network sandbox: what it sees is what it saw with the sandbox.
 mod common;
 
 use common::*;
@@ -136,7 +137,7 @@ async fn the_upper_dir_layer_holds_exactly_what_the_run_changed() {
 #[tokio::test]
 async fn images_from_the_upper_dir_equal_change_list_and_buildkit_images() {
     let fast = executor("tupperfast").await;
-    let slow = executor("tupperslow").await.without_upper_dir();
+    let slow = executor("tupperslow").await.without_local_shortcuts();
     let dir = tempfile::tempdir().unwrap();
     // Each executor gets its own keys (a label first), or the second would reuse the
     // first one's images; the process id keeps earlier runs' images out too.
@@ -165,4 +166,59 @@ async fn images_from_the_upper_dir_equal_change_list_and_buildkit_images() {
     docker(&["rmi", &tag]).unwrap();
     assert!(leftovers(&fast).await.is_empty());
     assert!(leftovers(&slow).await.is_empty());
+}
+
+/// A `--network=none` RUN sees only its loopback, resolves `localhost`, reads the same
+/// `/etc/hosts` and `/etc/resolv.conf` with and without the daemon's sandbox (as a user
+/// other than root too), and what it writes to them stays out of the image.
+#[tokio::test]
+async fn a_network_none_run_sees_what_the_daemons_sandbox_gave() {
+    let scratch = tempfile::tempdir().unwrap();
+    let fast = executor("tnetfast").await.with_scratch_dir(scratch.path());
+    let slow = executor("tnetslow").await.without_local_shortcuts();
+    let dir = tempfile::tempdir().unwrap();
+    let pid = std::process::id();
+    let df = |variant: &str| {
+        format!(
+            "FROM {BUSYBOX}\nLABEL variant={variant}-{pid}\n\
+             RUN --network=none mkdir /seen && grep -c : /proc/net/dev > /seen/interfaces \
+               && ping -c1 -W2 localhost > /dev/null && echo resolved > /seen/localhost \
+               && cat /etc/hosts > /seen/hosts && cat /etc/resolv.conf > /seen/resolv \
+               && echo '10.0.0.1 added' >> /etc/hosts && sleep 2\n\
+             USER app\n\
+             RUN --network=none cat /etc/hosts /etc/resolv.conf > /tmp/as-app\n"
+        )
+    };
+    // While the RUN sleeps: its container has no network sandbox.
+    let watch = std::thread::spawn(|| {
+        for _ in 0..100 {
+            let ids = docker(&["ps", "-q", "--filter", "name=dbuild-w-tnetfast"]).unwrap();
+            if let Some(id) = ids.split_whitespace().next() {
+                let f = "{{.Config.NetworkDisabled}} {{.HostConfig.NetworkMode}}";
+                return docker(&["inspect", "--format", f, id]).unwrap_or_default();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        String::new()
+    });
+    let ours = build_ours(&fast, dir.path(), &df("fast")).await;
+    assert_eq!(watch.join().unwrap().trim(), "true none");
+    let reference = build_ours(&slow, dir.path(), &df("slow")).await;
+    let (fs_fast, fs_slow) = (image_fs(&ours), image_fs(&reference));
+    let d = diff(&fs_fast, &fs_slow);
+    assert!(
+        d.is_empty(),
+        "without vs with the sandbox:\n{}",
+        d.join("\n")
+    );
+    let read = |image: &str, path: &str| {
+        docker(&["run", "--rm", "--network", "none", image, "cat", path]).unwrap()
+    };
+    assert_eq!(read(&ours, "/seen/interfaces").trim(), "1", "lo only");
+    assert!(read(&ours, "/seen/hosts").contains("127.0.0.1\tlocalhost"));
+    assert!(!fs_fast.contains_key("etc/hosts") || !read(&ours, "/etc/hosts").contains("added"));
+    assert!(fs_fast.contains_key("tmp/as-app"));
+    assert!(leftovers(&fast).await.is_empty());
+    let left: Vec<_> = std::fs::read_dir(scratch.path()).unwrap().collect();
+    assert!(left.is_empty(), "network files left: {left:?}");
 }
