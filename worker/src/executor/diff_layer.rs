@@ -71,7 +71,7 @@ pub async fn layer_from_changes(
     skip: &[String],
     targets: &[String],
 ) -> Result<Option<Option<RunLayer>>, StageError> {
-    if skip.is_empty() && targets.is_empty() && daemon.beside_daemon().await {
+    if skip.is_empty() && targets.is_empty() && daemon.reads_upper_dirs().await {
         if let Some(dirs) = super::upper::container_dirs(&daemon.docker, container).await {
             let read = tokio::task::spawn_blocking(move || {
                 super::upper::layer_from_upper(&dirs, MAX_BYTES)

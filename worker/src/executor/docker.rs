@@ -95,6 +95,22 @@ async fn sees_storage(docker: &Docker) -> bool {
     seen
 }
 
+/// Whether this process holds `CAP_SYS_ADMIN` (bit 21 of `CapEff` in
+/// `/proc/self/status`).
+fn has_sys_admin() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_string();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << 21) != 0)
+}
+
 /// Layers written by the executor that the daemon does not have yet: diff id → tar.
 pub type NewLayers = HashMap<String, Arc<Vec<u8>>>;
 
@@ -268,6 +284,14 @@ impl Daemon {
             .sees_storage
             .get_or_init(|| sees_storage(&self.docker))
             .await
+    }
+
+    /// Whether RUN layers may be read from upper directories: beside the daemon, and
+    /// with `CAP_SYS_ADMIN`, without which the kernel hides the `trusted.overlay.*`
+    /// attributes that mark an opaque directory (reading on would let a replaced
+    /// directory's old contents show through).
+    pub async fn reads_upper_dirs(&self) -> bool {
+        self.beside_daemon().await && has_sys_admin()
     }
 
     /// A name no other object of this process uses: `<prefix>-<pid>-<n>`.
