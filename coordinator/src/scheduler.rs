@@ -518,6 +518,9 @@ impl Scheduler {
         let mut results = BTreeMap::new();
         let mut cached = BTreeSet::new();
         let mut running: JoinSet<(usize, Result<Done, StageError>, String)> = JoinSet::new();
+        // Claims held until the executor has written a built stage's image (see
+        // `Executor::written`); all are let go before the build ends.
+        let releases: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
         let stages_cancel = cancel.child_token();
         let mut failure: Option<BuildError> = None;
         let ev = |e: BuildEvent| {
@@ -587,10 +590,11 @@ impl Scheduler {
                     let (n, k, w) = (name(i), key_hex(&keys, i), worker.clone());
                     let cache = self.cache.clone();
                     let flights = self.flights.clone();
+                    let releases = Arc::clone(&releases);
                     running.spawn(async move {
                         // A --no-cache build claims the key too (it never reuses), so two
                         // builders never write one key's image and record at once.
-                        let _claim = match &flights {
+                        let claim = match &flights {
                             Some(dir) => match claim(dir, &task.key, &token).await {
                                 Claim::Cancelled => return (i, Err(StageError::cancelled()), w),
                                 // Whoever held the key may have finished it since this
@@ -666,6 +670,16 @@ impl Scheduler {
                             }) {
                                 tracing::warn!(error = %e, "could not record the stage in the cache");
                             }
+                        }
+                        if let (Ok(res), Some(claim)) = (&r, claim) {
+                            let (id, executor) = (res.image_id.clone(), Arc::clone(&executor));
+                            let release = tokio::spawn(async move {
+                                if let Err(e) = executor.written(&id).await {
+                                    tracing::warn!(error = %e.message, "a stage image was not written");
+                                }
+                                drop(claim);
+                            });
+                            releases.lock().unwrap().push(release);
                         }
                         (i, r.map(Done::Built), w)
                     });
@@ -755,6 +769,10 @@ impl Scheduler {
                     stages_cancel.cancel();
                 }
             }
+        }
+        let claimed = std::mem::take(&mut *releases.lock().unwrap());
+        for release in claimed {
+            let _ = release.await;
         }
         let duration = started.elapsed();
         let target = plan.target;

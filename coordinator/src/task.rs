@@ -279,6 +279,14 @@ pub trait Executor: Send + Sync {
         BTreeMap::new()
     }
 
+    /// Waits until the stage image `image_id` that `run_stage` reported is durably where
+    /// the executor keeps it (an executor may write it after reporting, so that the
+    /// stage's consumers start sooner). The scheduler holds the stage's single-flight
+    /// claim until then, so another build waiting for the key finds the image.
+    async fn written(&self, _image_id: &str) -> Result<(), StageError> {
+        Ok(())
+    }
+
     /// Builds one stage. Log lines go to `logs` as they come.
     async fn run_stage(
         &self,

@@ -134,12 +134,13 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
     }
 
     let data = data_dir(args.spec.data_dir.clone());
-    let executor: Arc<dyn Executor> = Arc::new(
+    let local = Arc::new(
         worker::DockerExecutor::connect(args.docker_host.as_deref(), "local")
             .await
             .context("connecting to the Docker daemon")?
             .with_scratch_dir(&data.join("tmp")),
     );
+    let executor: Arc<dyn Executor> = Arc::clone(&local) as Arc<dyn Executor>;
     let (pinned, keys) = pin_and_key(&*executor, &analysis, args.pull).await?;
     let history = open_index(&data);
     let history_id = dockerfile_id(&dockerfile);
@@ -199,6 +200,9 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
         }
     });
     let result = scheduler.run(&request, inputs, events_tx, cancel).await;
+    // Stage images are written in the background; all of them are on the daemon before
+    // the output reads one or the process ends (a failed build keeps what it built).
+    let written = local.settle_all().await;
     let _ = renderer.await;
     let outcome = match result {
         Ok(o) => o,
@@ -213,6 +217,7 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
             ))
         }
     };
+    written.map_err(|e| anyhow::anyhow!(e.message))?;
     if let Some(h) = &history {
         let built = outcome.results.keys().chain(&outcome.cached).copied();
         remember(&**h, &history_id, &plan, &request.keys, built);

@@ -258,13 +258,22 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
             backoff = Duration::from_millis(500);
         }
         match outcome {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                // Stage images still being written are finished before the worker ends.
+                if let Err(e) = shared.executor.settle_all().await {
+                    tracing::warn!(error = %e.message, "a stage image was not written");
+                }
+                return Ok(());
+            }
             Err(e) if !registered_once => return Err(e),
             Err(e) => {
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "lost the coordinator; reconnecting");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = shutdown.cancelled() => {
+                        let _ = shared.executor.settle_all().await;
+                        return Ok(());
+                    }
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
@@ -714,7 +723,7 @@ impl TaskCtx {
             .executor
             .run_stage(task.clone(), inputs, logs, cancel)
             .await?;
-        let artifacts = self.export(&task, a).await.map_err(wrk)?;
+        let artifacts = self.export(&task, a, &result.image_id).await.map_err(wrk)?;
         Ok((result, artifacts))
     }
 
@@ -908,6 +917,10 @@ impl TaskCtx {
     }
 
     async fn has_image(&self, reference: &str) -> bool {
+        // A stage image this worker is still writing counts once it is written.
+        if self.executor.settle(reference).await.is_err() {
+            return false;
+        }
         self.docker.inspect_image(reference).await.is_ok()
     }
 
@@ -916,14 +929,33 @@ impl TaskCtx {
         &mut self,
         task: &StageTask,
         a: &TaskAssignment,
+        image_id: &str,
     ) -> Result<Vec<coordinator::pool::Artifact>, WorkerError> {
         let tag = stage_image_tag(&task.key);
         let mut out = Vec::new();
         std::fs::create_dir_all(&self.scratch).map_err(|e| WorkerError::Io(e.to_string()))?;
+        let written = |e: StageError| WorkerError::Docker(e.message);
         if a.export_image {
+            // Saved from the daemon: the image must be written first.
+            self.executor.settle(&tag).await.map_err(written)?;
             out.push(self.export_image_parts(task, &tag).await?);
         }
-        if !a.export_paths.is_empty() {
+        // Paths the stage's contents already read (its tree cache) need no container.
+        let mut from_container = Vec::new();
+        for p in &a.export_paths {
+            match self.executor.cached_path_archive(image_id, p) {
+                Some(tar) => {
+                    tracing::debug!(path = %p, "exported from the stage's trees");
+                    let chunk = futures::stream::iter([Ok(bytes::Bytes::from(tar))]);
+                    if let Some(art) = self.upload_stream(task, p.clone(), chunk).await? {
+                        out.push(art);
+                    }
+                }
+                None => from_container.push(p.clone()),
+            }
+        }
+        if !from_container.is_empty() {
+            self.executor.settle(&tag).await.map_err(written)?;
             let name = format!(
                 "dbuild-export-{}-{}",
                 &task.key.to_hex()[..12],
@@ -940,7 +972,7 @@ impl TaskCtx {
                 .await
                 .map_err(|e| WorkerError::Docker(e.to_string()))?;
             let mut result = Ok(());
-            for p in &a.export_paths {
+            for p in &from_container {
                 // What COPY --from reads: a symlink's target (the archive keeps the
                 // target's name; the importer names it back after `p`).
                 let real = self

@@ -21,7 +21,7 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use coordinator::task::StageError;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::json;
 
 use super::config::ImageConfig;
@@ -161,6 +161,11 @@ impl Resources {
     pub fn image(&self, reference: &str) {
         self.images.lock().unwrap().push(reference.to_string());
     }
+    /// Hands the registered images over (to be removed after a background load that
+    /// may refer to their layers).
+    pub fn take_images(&self) -> Vec<String> {
+        std::mem::take(&mut *self.images.lock().unwrap())
+    }
 
     /// Removes everything registered, containers first (they pin volumes and images),
     /// newest image first (a committed image is the child of the bare one it came from).
@@ -220,7 +225,15 @@ pub struct Daemon {
     pub scratch: std::path::PathBuf,
     /// Cleared when the daemon refused a bind mount of `scratch` (it cannot see it).
     pub scratch_visible: Arc<std::sync::atomic::AtomicBool>,
+    /// Loads still running in the background, by every tag and image id they write.
+    pending: Arc<Mutex<HashMap<String, LoadDone>>>,
+    /// `Size` of images inspected, by id.
+    sizes: Arc<Mutex<HashMap<String, u64>>>,
 }
+
+/// A background `docker load` (and the removal of the temporary images whose layers it
+/// refers to), awaited by whoever needs one of its images.
+type LoadDone = futures::future::Shared<futures::future::BoxFuture<'static, Result<(), String>>>;
 
 impl Daemon {
     /// Connects (`unix://`, `tcp://`/`http://` or the local defaults), negotiates the API
@@ -270,6 +283,8 @@ impl Daemon {
             sees_storage: seen,
             scratch: std::env::temp_dir(),
             scratch_visible: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            pending: Default::default(),
+            sizes: Default::default(),
         })
     }
 
@@ -309,8 +324,15 @@ impl Daemon {
         &self,
         reference: &str,
     ) -> Result<Option<(String, ImageState)>, StageError> {
+        self.settle(reference).await?;
         match timed("inspect_image", self.docker.inspect_image(reference)).await {
             Ok(i) => {
+                if let (Some(id), Some(size)) = (&i.id, i.size) {
+                    self.sizes
+                        .lock()
+                        .unwrap()
+                        .insert(id.clone(), size.max(0) as u64);
+                }
                 let state = ImageState {
                     layers: i.root_fs.and_then(|r| r.layers).unwrap_or_default(),
                     config: ImageConfig::from_inspect(i.config),
@@ -330,20 +352,23 @@ impl Daemon {
     /// with every tag. Each layer must exist on the daemon or be in `new_layers` (diff id →
     /// layer tar): those are sent with the images, and removed from `new_layers` once the
     /// daemon has them.
-    pub async fn load(
+    fn archive(
         &self,
         images: &[(&ImageState, Vec<String>, Option<&str>)],
-        new_layers: &mut NewLayers,
-    ) -> Result<(), StageError> {
+        new_layers: &NewLayers,
+    ) -> Result<LoadArchive, StageError> {
         let fail = |e: std::io::Error| StageError::new(format!("build image archive: {e}"));
         let mut tar = tar::Builder::new(Vec::new());
         let mut manifest = Vec::new();
         // Chains already sent in this archive (the daemon then finds them by chain id).
         let mut sent: HashSet<&[String]> = HashSet::new();
         let mut used = Vec::new();
+        let mut ids = Vec::new();
         for (i, (state, tags, comment)) in images.iter().enumerate() {
             let name = format!("config-{i}.json");
-            append_bytes(&mut tar, &name, &state.to_json(*comment)).map_err(fail)?;
+            let config = state.to_json(*comment);
+            ids.push(format!("sha256:{}", super::sha256::hex(&config)));
+            append_bytes(&mut tar, &name, &config).map_err(fail)?;
             let mut layers = Vec::new();
             for (l, diff) in state.layers.iter().enumerate() {
                 let file = format!("layer-{i}-{l}/layer.tar");
@@ -363,21 +388,128 @@ impl Daemon {
         let bytes = tar
             .into_inner()
             .map_err(|e| StageError::new(format!("build image archive: {e}")))?;
-        let opts = ImportImageOptionsBuilder::default().quiet(true).build();
-        let mut stream = self
-            .docker
-            .import_image(opts, bollard::body_full(bytes.into()), None);
-        timed("load", async {
-            while let Some(item) = stream.next().await {
-                item.map_err(|e| derr("docker load of an image config", e))?;
-            }
-            Ok::<(), StageError>(())
-        })
-        .await?;
-        for d in used {
+        Ok(LoadArchive { bytes, ids, used })
+    }
+
+    /// Writes images with `docker load`: each `(state, tags)` becomes one image tagged
+    /// with every tag. Each layer must exist on the daemon or be in `new_layers` (diff id →
+    /// layer tar): those are sent with the images, and removed from `new_layers` once the
+    /// daemon has them.
+    pub async fn load(
+        &self,
+        images: &[(&ImageState, Vec<String>, Option<&str>)],
+        new_layers: &mut NewLayers,
+    ) -> Result<(), StageError> {
+        let a = self.archive(images, new_layers)?;
+        send_load(&self.docker, a.bytes).await?;
+        for d in a.used {
             new_layers.remove(&d);
         }
         Ok(())
+    }
+
+    /// [`Self::load`] in the background: returns the ids the images will have (a loaded
+    /// image's id is the digest of its config), at once. Whoever then names one of the
+    /// images or tags through this daemon waits for the load ([`Self::settle`]); the
+    /// `temporary` images (whose layers the archive may refer to) are removed after it.
+    pub fn load_later(
+        &self,
+        images: &[(&ImageState, Vec<String>, Option<&str>)],
+        new_layers: &mut NewLayers,
+    ) -> Result<Vec<String>, StageError> {
+        let a = self.archive(images, new_layers)?;
+        for d in &a.used {
+            new_layers.remove(d);
+        }
+        let names: Vec<String> = images
+            .iter()
+            .flat_map(|(_, tags, _)| tags.iter().cloned())
+            .chain(a.ids.iter().cloned())
+            .collect();
+        let docker = self.docker.clone();
+        let bytes = a.bytes;
+        let done: LoadDone = async move { send_load(&docker, bytes).await.map_err(|e| e.message) }
+            .boxed()
+            .shared();
+        self.track(names, done);
+        Ok(a.ids)
+    }
+
+    /// Removes the temporary `images` (whose layers a background load of `image_id` may
+    /// refer to) once that load is done; [`Self::settle_all`] waits for this too.
+    pub fn remove_after_load(&self, image_id: &str, images: Vec<String>) {
+        let (docker, load) = (self.docker.clone(), self.pending_load(image_id));
+        let done: LoadDone = async move {
+            if let Some(load) = load {
+                let _ = load.await;
+            }
+            for i in images.iter().rev() {
+                let opts = RemoveImageOptionsBuilder::default().noprune(true).build();
+                let _ = docker.remove_image(i, Some(opts), None).await;
+            }
+            Ok(())
+        }
+        .boxed()
+        .shared();
+        self.track(vec![format!("{image_id} temporaries")], done);
+    }
+
+    fn pending_load(&self, reference: &str) -> Option<LoadDone> {
+        self.pending.lock().unwrap().get(reference).cloned()
+    }
+
+    /// Registers `done` under `names` until it finishes, and drives it.
+    fn track(&self, names: Vec<String>, done: LoadDone) {
+        {
+            let mut pending = self.pending.lock().unwrap();
+            for n in &names {
+                pending.insert(n.clone(), done.clone());
+            }
+        }
+        let pending = Arc::clone(&self.pending);
+        tokio::spawn(async move {
+            if let Err(e) = done.clone().await {
+                tracing::warn!(error = %e, images = ?names, "a background docker load failed");
+            }
+            let mut p = pending.lock().unwrap();
+            for n in &names {
+                if p.get(n).is_some_and(|f| f.ptr_eq(&done)) {
+                    p.remove(n);
+                }
+            }
+        });
+    }
+
+    /// Waits for a background load that writes `reference` (a tag or an image id), if
+    /// one is running; its failure is this call's error.
+    pub async fn settle(&self, reference: &str) -> Result<(), StageError> {
+        match self.pending_load(reference) {
+            Some(done) => done
+                .await
+                .map_err(|e| StageError::new(format!("writing the image {reference} failed: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for every background load; the first failure is the error.
+    pub async fn settle_all(&self) -> Result<(), StageError> {
+        let all: Vec<LoadDone> = self.pending.lock().unwrap().values().cloned().collect();
+        let mut first = Ok(());
+        for done in all {
+            if let Err(e) = done.await {
+                if first.is_ok() {
+                    first = Err(StageError::new(format!(
+                        "writing a stage image failed: {e}"
+                    )));
+                }
+            }
+        }
+        first
+    }
+
+    /// The `Size` of an image this daemon handle inspected, if it did.
+    pub fn known_size(&self, id: &str) -> Option<u64> {
+        self.sizes.lock().unwrap().get(id).copied()
     }
 
     /// Puts one more layer (an uncompressed layer tar: files, directories, `.wh.`
@@ -491,6 +623,9 @@ impl Daemon {
         mut body: ContainerCreateBody,
         res: &Resources,
     ) -> Result<String, StageError> {
+        if let Some(image) = &body.image {
+            self.settle(image).await?;
+        }
         if body.cmd.is_none() && body.entrypoint.is_none() {
             // The daemon refuses a container without a command, even one never started.
             body.cmd = Some(vec!["/dbuild-never-started".into()]);
@@ -588,12 +723,12 @@ impl Daemon {
     }
 
     /// Commits a container's changes as a new (temporary, noted in `res`) image and
-    /// returns its layer chain.
+    /// returns its id and layer chain.
     pub async fn commit_layers(
         &self,
         container: &str,
         res: &Resources,
-    ) -> Result<Vec<String>, StageError> {
+    ) -> Result<(String, Vec<String>), StageError> {
         let opts = CommitContainerOptionsBuilder::default()
             .container(container)
             .pause(false)
@@ -608,13 +743,14 @@ impl Daemon {
         let id = r.id;
         res.image(&id);
         match self.inspect(&id).await? {
-            Some((_, s)) => Ok(s.layers),
+            Some((id, s)) => Ok((id, s.layers)),
             None => Err(StageError::new(format!("committed image {id} vanished"))),
         }
     }
 
     /// Tags an existing image.
     pub async fn tag(&self, image: &str, tag: &str) -> Result<(), StageError> {
+        self.settle(image).await?;
         let (repo, t) = tag.rsplit_once(':').unwrap_or((tag, "latest"));
         let opts = bollard::query_parameters::TagImageOptionsBuilder::default()
             .repo(repo)
@@ -624,6 +760,26 @@ impl Daemon {
             .await
             .map_err(|e| derr(format!("tag {image} as {tag}"), e))
     }
+}
+
+/// A `docker load` archive, the ids of its images in order, and the new layers it sends.
+struct LoadArchive {
+    bytes: Vec<u8>,
+    ids: Vec<String>,
+    used: Vec<String>,
+}
+
+/// Sends a `docker load` archive and waits for the daemon to take it.
+async fn send_load(docker: &Docker, bytes: Vec<u8>) -> Result<(), StageError> {
+    let opts = ImportImageOptionsBuilder::default().quiet(true).build();
+    let mut stream = docker.import_image(opts, bollard::body_full(bytes.into()), None);
+    timed("load", async {
+        while let Some(item) = stream.next().await {
+            item.map_err(|e| derr("docker load of an image config", e))?;
+        }
+        Ok::<(), StageError>(())
+    })
+    .await
 }
 
 /// Appends a regular file (0644, root) to a tar archive.

@@ -43,9 +43,10 @@ use docker::{Daemon, Resources};
 
 /// Runs stage tasks on one Docker daemon.
 ///
-/// Guarantees: every container, temporary volume and temporary image it makes is
-/// removed when `run_stage` returns (success, failure or cancel); cache-mount volumes
-/// (`dbuild-cache-*`) are kept on purpose. Result images are tagged
+/// Guarantees: every container and temporary volume it makes is removed when
+/// `run_stage` returns (success, failure or cancel), and every temporary image once the
+/// stage's images are written (in the background: [`Self::settle_all`] waits for that);
+/// cache-mount volumes (`dbuild-cache-*`) are kept on purpose. Result images are tagged
 /// [`instruction_image_tag`] per instruction and [`stage_image_tag`] per stage.
 pub struct DockerExecutor {
     daemon: Daemon,
@@ -98,6 +99,37 @@ impl DockerExecutor {
     /// one (the archive API would hand over the link itself).
     pub async fn resolve_path(&self, container: &str, path: &str) -> Result<String, StageError> {
         self.resolve_link(container, path).await
+    }
+
+    /// The archive of `path` in image `image_id` as `download_from_container` gives it
+    /// (the root entry named after the path's last component, everything below it under
+    /// that name), written from the tree the stage's contents left in the tree cache, or
+    /// `None` when the cache holds no single tree of bytes for it. Types, modes, owners,
+    /// link targets and bytes are the image's; mtimes are 0, as in every layer the
+    /// executor writes from a tree, so a consumer's `COPY --from` writes the same layer.
+    pub fn cached_path_archive(&self, image_id: &str, path: &str) -> Option<Vec<u8>> {
+        let trees = self
+            .trees
+            .lock()
+            .unwrap()
+            .get(image_id, &config::clean_abs(path))?;
+        let [t] = trees.as_slice() else {
+            return None;
+        };
+        tree::tree_archive(t).ok()?
+    }
+
+    /// Waits until every image this executor writes in the background is on the
+    /// daemon (before handing an image to anything outside the executor, and before the
+    /// process ends); the first failed write is the error.
+    pub async fn settle_all(&self) -> Result<(), StageError> {
+        self.daemon.settle_all().await
+    }
+
+    /// Waits until `reference` (a tag or image id), if the executor is writing it in the
+    /// background, is on the daemon.
+    pub async fn settle(&self, reference: &str) -> Result<(), StageError> {
+        self.daemon.settle(reference).await
     }
 
     /// The daemon connection (for tests and tools).
@@ -163,6 +195,10 @@ pub(crate) struct StageRun<'a> {
     /// COPY --from sources read ahead (`prefetch.rs`), and whether that happened.
     pub prefetched: prefetch::Prefetched,
     pub prefetch_done: bool,
+    /// The image `state` was last read from on the daemon (the base, a reused step), and
+    /// the bytes of the layers written on top of it since: the stage image's size.
+    pub size_from: Option<String>,
+    pub added: u64,
 }
 
 impl DockerExecutor {
@@ -309,7 +345,10 @@ impl DockerExecutor {
             read_containers: Default::default(),
             prefetched: Default::default(),
             prefetch_done: false,
+            size_from: None,
+            added: 0,
         };
+        st.size_from = st.id.clone();
         let (mut executed, mut reused) = (0, 0);
         for ti in &task.instructions {
             if cancel.is_cancelled() {
@@ -320,6 +359,8 @@ impl DockerExecutor {
                 if let Some((id, s)) = self.daemon.inspect(&tag).await? {
                     self.flush(&mut st).await?;
                     st.state = s;
+                    st.size_from = Some(id.clone());
+                    st.added = 0;
                     st.id = Some(id);
                     st.mirror = None;
                     // The committed image holds what the instruction (and any pending
@@ -375,18 +416,42 @@ impl DockerExecutor {
             _ => st.pending.push((st.state.clone(), vec![stage_tag.clone()])),
         }
         let from_layers = self.trees_from_layers(&st, &task.digest_paths).await;
-        docker::timed("final flush", self.flush(&mut st)).await?;
-        let image = docker::timed(
-            "inspect_image",
-            self.daemon.docker.inspect_image(&stage_tag),
-        )
-        .await
-        .map_err(|e| docker::derr(format!("the stage image {stage_tag}"), e))?;
-        let image_id = image.id.unwrap_or_default();
-        // The trees describe this stage's layers: kept for the image the tag names only if
-        // it has exactly those (a concurrent build of the same key may have retagged it).
-        let same_layers =
-            image.root_fs.as_ref().and_then(|r| r.layers.as_ref()) == Some(&st.state.layers);
+        let (image_id, size, same_layers) = if st.pending.is_empty() {
+            // Every step reused: the stage tag went on an image the daemon has.
+            let image = docker::timed(
+                "inspect_image",
+                self.daemon.docker.inspect_image(&stage_tag),
+            )
+            .await
+            .map_err(|e| docker::derr(format!("the stage image {stage_tag}"), e))?;
+            let size = image.size.unwrap_or(0).max(0) as u64;
+            let same =
+                image.root_fs.as_ref().and_then(|r| r.layers.as_ref()) == Some(&st.state.layers);
+            (image.id.unwrap_or_default(), size, same)
+        } else {
+            // The images are written in the background, so the stage's consumers start
+            // now: they read what they copy from the trees, and whatever names one of the
+            // images (a later stage, an export, the output) waits for the load. The ids
+            // are known already: an image's id is the digest of its config.
+            let pending = std::mem::take(&mut st.pending);
+            let images: Vec<_> = pending
+                .iter()
+                .map(|(s, tags)| (s, tags.clone(), None))
+                .collect();
+            let ids = self.daemon.load_later(&images, &mut st.new_layers)?;
+            let at = pending
+                .iter()
+                .position(|(_, tags)| tags.contains(&stage_tag))
+                .ok_or_else(|| StageError::new("the stage image has no tag"))?;
+            let base = st
+                .size_from
+                .as_deref()
+                .and_then(|i| self.daemon.known_size(i));
+            (ids[at].clone(), base.unwrap_or(0) + st.added, true)
+        };
+        // The trees describe this stage's layers, so they are kept for the image with
+        // exactly those: the one written now (its id is its content), or the one the tag
+        // names if it has them (a concurrent build of the same key may have retagged it).
         if same_layers {
             let mut trees = self.trees.lock().unwrap();
             for (path, t) in from_layers {
@@ -404,7 +469,7 @@ impl DockerExecutor {
         };
         Ok(StageResult {
             contents,
-            size: image.size.unwrap_or(0).max(0) as u64,
+            size,
             stage: task.stage,
             key: task.key,
             image_id,
@@ -578,6 +643,10 @@ impl Executor for DockerExecutor {
         }
     }
 
+    async fn written(&self, image_id: &str) -> Result<(), StageError> {
+        self.daemon.settle(image_id).await
+    }
+
     async fn stage_image(&self, key: &StageKey) -> Option<String> {
         self.daemon
             .inspect(&stage_image_tag(key))
@@ -600,9 +669,18 @@ impl Executor for DockerExecutor {
             .stage(&task, &inputs, &logs, &cancel, &res)
             .instrument(span.clone())
             .await;
+        // Temporary images may hold layers the stage's background load refers to: they
+        // go once it is done (after the containers made from them, removed now).
+        let later = match &result {
+            Ok(r) => Some((r.image_id.clone(), res.take_images())),
+            Err(_) => None,
+        };
         docker::timed("cleanup", res.cleanup(&self.daemon.docker))
             .instrument(span)
             .await;
+        if let Some((id, images)) = later {
+            self.daemon.remove_after_load(&id, images);
+        }
         match result {
             Err(e) if cancel.is_cancelled() && !e.cancelled => Err(StageError::cancelled()),
             r => r,

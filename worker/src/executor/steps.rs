@@ -107,7 +107,10 @@ impl DockerExecutor {
         st: &mut StageRun<'_>,
         container: &str,
     ) -> Result<(), StageError> {
-        st.state.layers = self.daemon.commit_layers(container, st.res).await?;
+        let (id, layers) = self.daemon.commit_layers(container, st.res).await?;
+        st.state.layers = layers;
+        st.size_from = Some(id);
+        st.added = 0;
         st.mirror = None;
         Ok(())
     }

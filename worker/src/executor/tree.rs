@@ -327,6 +327,50 @@ pub struct Node {
 /// Writes `nodes` (absolute path → node, parents sort before children) as a tar archive
 /// to `out`. Hard link targets are absolute paths here. Context files are read through
 /// `ctx` and must still have the size the manifest recorded.
+/// `tree` as the archive API names a path's archive: the root entry after the source's
+/// own name, everything below it under that name (mtimes 0). `Ok(None)` when a file's
+/// bytes are not in the tree (a context file).
+pub fn tree_archive(tree: &SourceTree) -> std::io::Result<Option<Vec<u8>>> {
+    let mut out = tar::Builder::new(Vec::new());
+    let under = |rel: &str| {
+        if rel.is_empty() {
+            tree.name.clone()
+        } else {
+            format!("{}/{rel}", tree.name)
+        }
+    };
+    for e in &tree.entries {
+        let name = under(&e.rel);
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(e.mode);
+        h.set_uid(e.uid as u64);
+        h.set_gid(e.gid as u64);
+        h.set_mtime(0);
+        h.set_size(0);
+        match &e.kind {
+            Kind::Dir => {
+                h.set_entry_type(tar::EntryType::Directory);
+                out.append_data(&mut h, format!("{name}/"), std::io::empty())?;
+            }
+            Kind::File(Content::Bytes(b)) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(b.len() as u64);
+                out.append_data(&mut h, name, b.as_slice())?;
+            }
+            Kind::File(Content::Context(..)) => return Ok(None),
+            Kind::Symlink(target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                out.append_link(&mut h, name, target)?;
+            }
+            Kind::Hardlink(target) => {
+                h.set_entry_type(tar::EntryType::Link);
+                out.append_link(&mut h, name, under(target))?;
+            }
+        }
+    }
+    out.into_inner().map(Some)
+}
+
 pub fn write_tar<W: std::io::Write>(
     out: W,
     nodes: &BTreeMap<String, Node>,
@@ -397,5 +441,75 @@ impl<R: Read> Read for CountingReader<R> {
         let k = self.inner.read(buf)?;
         self.n += k as u64;
         Ok(k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tree_archive_is_named_like_the_archive_api_names_a_path() {
+        let e = |rel: &str, kind: Kind, mode: u32, uid: u32| SrcEntry {
+            rel: rel.into(),
+            kind,
+            mode,
+            uid,
+            gid: uid + 1,
+        };
+        let bytes = |b: &[u8]| Kind::File(Content::Bytes(Arc::new(b.to_vec())));
+        let tree = SourceTree {
+            name: "out".into(),
+            path: "out".into(),
+            entries: vec![
+                e("", Kind::Dir, 0o750, 0),
+                e("bin", bytes(b"elf"), 0o4755, 3_000_000),
+                e("link", Kind::Symlink("bin".into()), 0o777, 0),
+                e("same", Kind::Hardlink("bin".into()), 0o4755, 3_000_000),
+            ],
+            keep_owner: true,
+        };
+        let tar = tree_archive(&tree).unwrap().unwrap();
+        let mut ar = tar::Archive::new(tar.as_slice());
+        type Listed = (String, u32, u64, Option<String>, Vec<u8>);
+        let got: Vec<Listed> = ar
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let mut data = Vec::new();
+                e.read_to_end(&mut data).unwrap();
+                (
+                    e.path().unwrap().to_string_lossy().into_owned(),
+                    e.header().mode().unwrap(),
+                    e.header().uid().unwrap(),
+                    e.link_name()
+                        .unwrap()
+                        .map(|l| l.to_string_lossy().into_owned()),
+                    data,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("out/".into(), 0o750, 0, None, vec![]),
+                ("out/bin".into(), 0o4755, 3_000_000, None, b"elf".to_vec()),
+                ("out/link".into(), 0o777, 0, Some("bin".into()), vec![]),
+                (
+                    "out/same".into(),
+                    0o4755,
+                    3_000_000,
+                    Some("out/bin".into()),
+                    vec![]
+                ),
+            ]
+        );
+        // A context file's bytes are not in the tree: no archive.
+        let ctx = SourceTree {
+            entries: vec![e("", Kind::File(Content::Context("a".into(), 1)), 0o644, 0)],
+            ..tree
+        };
+        assert!(tree_archive(&ctx).unwrap().is_none());
     }
 }

@@ -230,6 +230,10 @@ pub async fn run_all(
         }
     }
     drop(tx);
+    // Stage images are written in the background; the tests read them with the CLI.
+    if let Err(e) = ex.settle_all().await {
+        err.get_or_insert(e);
+    }
     let mut lines = Vec::new();
     while let Some(l) = rx.recv().await {
         lines.push(l.line);
@@ -399,6 +403,7 @@ pub fn assert_same(ours: &str, theirs: &str) {
 
 /// Containers, volumes and bare images this executor left behind.
 pub async fn leftovers(ex: &DockerExecutor) -> Vec<String> {
+    let _ = ex.settle_all().await;
     let prefix = format!("{}-", ex.name_prefix());
     let mut out = Vec::new();
     let opts = ListContainersOptionsBuilder::default().all(true).build();
