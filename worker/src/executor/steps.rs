@@ -303,6 +303,9 @@ impl DockerExecutor {
         // The image's id, when its sources may have been read already (TreeCache); a
         // container to read from is made only when one is not.
         let from_id = match &from {
+            // A stage is named by its full id already: no daemon call, so a consumer of
+            // a stage whose image is still being written reads the cached trees at once.
+            Some(FromImage::Reference(r)) if is_image_id(r) => Some(r.clone()),
             Some(FromImage::Reference(r)) => self.daemon.inspect(r).await?.map(|(id, _)| id),
             _ => None,
         };
@@ -570,4 +573,10 @@ pub(super) fn check_from_contents(
         &expected[..12.min(expected.len())],
         &actual[..12]
     )))
+}
+
+/// Whether `r` is a full image id (`sha256:` and 64 hex digits), which names one image.
+fn is_image_id(r: &str) -> bool {
+    r.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
