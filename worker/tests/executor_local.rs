@@ -222,3 +222,30 @@ async fn a_network_none_run_sees_what_the_daemons_sandbox_gave() {
     let left: Vec<_> = std::fs::read_dir(scratch.path()).unwrap().collect();
     assert!(left.is_empty(), "network files left: {left:?}");
 }
+
+/// Without the upper-directory reader a RUN's layer is read through the archive API,
+/// which mounts the container's bind mounts again: the network files of a RUN without
+/// the daemon's sandbox must outlive the RUN until its layer is read.
+#[tokio::test]
+async fn a_network_none_run_read_through_the_archive_api() {
+    let scratch = tempfile::tempdir().unwrap();
+    let ex = executor("tnetarchive")
+        .await
+        .with_scratch_dir(scratch.path())
+        .without_upper_dirs();
+    let dir = tempfile::tempdir().unwrap();
+    let df = format!(
+        "FROM {BUSYBOX}\nLABEL run={}\n\
+         RUN --network=none mkdir -p /made && echo one > /made/f && cat /etc/hosts > /hosts\n",
+        std::process::id()
+    );
+    let img = build_ours(&ex, dir.path(), &df).await;
+    let fs = image_fs(&img);
+    assert!(
+        fs.contains_key("made/f") && fs.contains_key("hosts"),
+        "{fs:?}"
+    );
+    assert!(leftovers(&ex).await.is_empty());
+    let left: Vec<_> = std::fs::read_dir(scratch.path()).unwrap().collect();
+    assert!(left.is_empty(), "network files left: {left:?}");
+}

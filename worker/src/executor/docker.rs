@@ -149,6 +149,11 @@ pub struct Resources {
     containers: Mutex<Vec<String>>,
     volumes: Mutex<Vec<String>>,
     images: Mutex<Vec<String>>,
+    /// Host directories a container bind-mounts (kept until it is removed: the archive
+    /// API mounts them again on every read of the container).
+    dirs: Mutex<Vec<tempfile::TempDir>>,
+    /// The stage's background image write, if one was started.
+    load: Mutex<Option<LoadDone>>,
 }
 
 impl Resources {
@@ -160,6 +165,17 @@ impl Resources {
     }
     pub fn image(&self, reference: &str) {
         self.images.lock().unwrap().push(reference.to_string());
+    }
+    /// Keeps `dir` until the containers are removed.
+    pub fn keep_dir(&self, dir: tempfile::TempDir) {
+        self.dirs.lock().unwrap().push(dir);
+    }
+    /// Notes the stage's background image write.
+    pub fn set_load(&self, load: LoadDone) {
+        *self.load.lock().unwrap() = Some(load);
+    }
+    pub fn take_load(&self) -> Option<LoadDone> {
+        self.load.lock().unwrap().take()
     }
     /// Hands the registered images over (to be removed after a background load that
     /// may refer to their layers).
@@ -182,6 +198,7 @@ impl Resources {
                 }
             }
         }
+        self.dirs.lock().unwrap().clear();
         let volumes = std::mem::take(&mut *self.volumes.lock().unwrap());
         for v in volumes.iter().rev() {
             let opts = RemoveVolumeOptionsBuilder::default().force(true).build();
@@ -218,6 +235,9 @@ pub struct Daemon {
     /// directory (`upper.rs`), a `--network=none` RUN without a network sandbox
     /// (`run.rs`). `DBUILD_LOCAL_SHORTCUTS=0` turns them off.
     pub local_shortcuts: bool,
+    /// Whether RUN layers may come from upper directories (off: the change list only,
+    /// other shortcuts kept; for tests).
+    pub read_upper: bool,
     /// Whether the daemon's storage directory is readable here (asked once).
     sees_storage: Arc<tokio::sync::OnceCell<bool>>,
     /// Where files the daemon bind-mounts into a RUN are written (a directory the
@@ -233,7 +253,8 @@ pub struct Daemon {
 
 /// A background `docker load` (and the removal of the temporary images whose layers it
 /// refers to), awaited by whoever needs one of its images.
-type LoadDone = futures::future::Shared<futures::future::BoxFuture<'static, Result<(), String>>>;
+pub type LoadDone =
+    futures::future::Shared<futures::future::BoxFuture<'static, Result<(), String>>>;
 
 impl Daemon {
     /// Connects (`unix://`, `tcp://`/`http://` or the local defaults), negotiates the API
@@ -280,6 +301,7 @@ impl Daemon {
             prefix: format!("dbuild-w-{clean}"),
             counter: Arc::new(AtomicU64::new(0)),
             local_shortcuts,
+            read_upper: true,
             sees_storage: seen,
             scratch: std::env::temp_dir(),
             scratch_visible: Arc::new(std::sync::atomic::AtomicBool::new(true)),
@@ -306,7 +328,7 @@ impl Daemon {
     /// attributes that mark an opaque directory (reading on would let a replaced
     /// directory's old contents show through).
     pub async fn reads_upper_dirs(&self) -> bool {
-        self.beside_daemon().await && has_sys_admin()
+        self.read_upper && self.beside_daemon().await && has_sys_admin()
     }
 
     /// A name no other object of this process uses: `<prefix>-<pid>-<n>`.
@@ -416,7 +438,7 @@ impl Daemon {
         &self,
         images: &[(&ImageState, Vec<String>, Option<&str>)],
         new_layers: &mut NewLayers,
-    ) -> Result<Vec<String>, StageError> {
+    ) -> Result<(Vec<String>, LoadDone), StageError> {
         let a = self.archive(images, new_layers)?;
         for d in &a.used {
             new_layers.remove(d);
@@ -431,14 +453,18 @@ impl Daemon {
         let done: LoadDone = async move { send_load(&docker, bytes).await.map_err(|e| e.message) }
             .boxed()
             .shared();
-        self.track(names, done);
-        Ok(a.ids)
+        self.track(names, done.clone());
+        Ok((a.ids, done))
     }
 
-    /// Removes the temporary `images` (whose layers a background load of `image_id` may
-    /// refer to) once that load is done; [`Self::settle_all`] waits for this too.
-    pub fn remove_after_load(&self, image_id: &str, images: Vec<String>) {
-        let (docker, load) = (self.docker.clone(), self.pending_load(image_id));
+    /// Removes the temporary `images` (whose layers the background `load` may refer to)
+    /// once that load is done; [`Self::settle_all`] waits for this too.
+    pub fn remove_after_load(&self, load: Option<LoadDone>, images: Vec<String>) {
+        if images.is_empty() {
+            return;
+        }
+        let docker = self.docker.clone();
+        let name = self.unique("temporaries");
         let done: LoadDone = async move {
             if let Some(load) = load {
                 let _ = load.await;
@@ -451,7 +477,7 @@ impl Daemon {
         }
         .boxed()
         .shared();
-        self.track(vec![format!("{image_id} temporaries")], done);
+        self.track(vec![name], done);
     }
 
     fn pending_load(&self, reference: &str) -> Option<LoadDone> {
@@ -469,7 +495,10 @@ impl Daemon {
         let pending = Arc::clone(&self.pending);
         tokio::spawn(async move {
             if let Err(e) = done.clone().await {
+                // Left in place: whoever names these images (or waits for all writes)
+                // gets this error, not a missing image.
                 tracing::warn!(error = %e, images = ?names, "a background docker load failed");
+                return;
             }
             let mut p = pending.lock().unwrap();
             for n in &names {

@@ -86,6 +86,13 @@ impl DockerExecutor {
         self
     }
 
+    /// Takes every local shortcut but reading RUN layers from upper directories (the
+    /// daemon's change list instead), as beside a daemon whose storage is not overlay.
+    pub fn without_upper_dirs(mut self) -> Self {
+        self.daemon.read_upper = false;
+        self
+    }
+
     /// Where to write files the daemon bind-mounts into RUN containers (default: the
     /// system's temporary directory). It must be a directory the daemon sees at the same
     /// path; when it refuses one, RUNs go on without the shortcut.
@@ -438,7 +445,8 @@ impl DockerExecutor {
                 .iter()
                 .map(|(s, tags)| (s, tags.clone(), None))
                 .collect();
-            let ids = self.daemon.load_later(&images, &mut st.new_layers)?;
+            let (ids, load) = self.daemon.load_later(&images, &mut st.new_layers)?;
+            res.set_load(load);
             let at = pending
                 .iter()
                 .position(|(_, tags)| tags.contains(&stage_tag))
@@ -671,15 +679,12 @@ impl Executor for DockerExecutor {
             .await;
         // Temporary images may hold layers the stage's background load refers to: they
         // go once it is done (after the containers made from them, removed now).
-        let later = match &result {
-            Ok(r) => Some((r.image_id.clone(), res.take_images())),
-            Err(_) => None,
-        };
+        let later = res.take_load().map(|load| (load, res.take_images()));
         docker::timed("cleanup", res.cleanup(&self.daemon.docker))
             .instrument(span)
             .await;
-        if let Some((id, images)) = later {
-            self.daemon.remove_after_load(&id, images);
+        if let Some((load, images)) = later {
+            self.daemon.remove_after_load(Some(load), images);
         }
         match result {
             Err(e) if cancel.is_cancelled() && !e.cancelled => Err(StageError::cancelled()),

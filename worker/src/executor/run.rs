@@ -193,13 +193,13 @@ pub async fn run_container(
         }),
         ..Default::default()
     };
-    // Kept until the container has exited: the files its bind mounts show.
-    let mut _net_files = None;
     let id = match sandbox_free(daemon, &body) {
         Some((files, fast)) if daemon.beside_daemon().await => {
             match daemon.create(fast, res).await {
                 Ok(id) => {
-                    _net_files = Some(files);
+                    // Kept until the container is removed: every archive read of it
+                    // mounts these files again.
+                    res.keep_dir(files);
                     id
                 }
                 Err(e) => {

@@ -324,9 +324,6 @@ pub struct Node {
     pub gid: u32,
 }
 
-/// Writes `nodes` (absolute path → node, parents sort before children) as a tar archive
-/// to `out`. Hard link targets are absolute paths here. Context files are read through
-/// `ctx` and must still have the size the manifest recorded.
 /// `tree` as the archive API names a path's archive: the root entry after the source's
 /// own name, everything below it under that name (mtimes 0). `Ok(None)` when a file's
 /// bytes are not in the tree (a context file).
@@ -371,6 +368,9 @@ pub fn tree_archive(tree: &SourceTree) -> std::io::Result<Option<Vec<u8>>> {
     out.into_inner().map(Some)
 }
 
+/// Writes `nodes` (absolute path → node, parents sort before children) as a tar archive
+/// to `out`. Hard link targets are absolute paths here. Context files are read through
+/// `ctx` and must still have the size the manifest recorded.
 pub fn write_tar<W: std::io::Write>(
     out: W,
     nodes: &BTreeMap<String, Node>,
