@@ -251,34 +251,30 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
     // registers again when it is back. Only a first connection that fails is an error.
     let mut registered_once = false;
     let mut backoff = Duration::from_millis(500);
-    loop {
+    let ended = loop {
         let began = Instant::now();
         let outcome = session(&cfg, &shutdown, &shared, &mut registered_once).await;
         if began.elapsed() > Duration::from_secs(30) {
             backoff = Duration::from_millis(500);
         }
         match outcome {
-            Ok(()) => {
-                // Stage images still being written are finished before the worker ends.
-                if let Err(e) = shared.executor.settle_all().await {
-                    tracing::warn!(error = %e.message, "a stage image was not written");
-                }
-                return Ok(());
-            }
-            Err(e) if !registered_once => return Err(e),
+            Ok(()) => break Ok(()),
+            Err(e) if !registered_once => break Err(e),
             Err(e) => {
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "lost the coordinator; reconnecting");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.cancelled() => {
-                        let _ = shared.executor.settle_all().await;
-                        return Ok(());
-                    }
+                    _ = shutdown.cancelled() => break Ok(()),
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
+    };
+    // Stage images still being written are finished before the worker ends.
+    if let Err(e) = shared.executor.settle_all().await {
+        tracing::warn!(error = %e.message, "a stage image was not written");
     }
+    ended
 }
 
 /// What a worker keeps across its sessions with the coordinator.

@@ -320,7 +320,7 @@ fn write_layer(
 }
 
 /// The header of an empty entry owned by root, with no mtime.
-fn empty_entry(kind: tar::EntryType, mode: u32) -> tar::Header {
+pub(super) fn empty_entry(kind: tar::EntryType, mode: u32) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
     h.set_mode(mode);

@@ -247,8 +247,8 @@ pub struct Daemon {
     pub scratch_visible: Arc<std::sync::atomic::AtomicBool>,
     /// Loads still running in the background, by every tag and image id they write.
     pending: Arc<Mutex<HashMap<String, LoadDone>>>,
-    /// `Size` of images inspected, by id.
-    sizes: Arc<Mutex<HashMap<String, u64>>>,
+    /// Whether this process holds `CAP_SYS_ADMIN` (read once, at connect).
+    sys_admin: bool,
 }
 
 /// A background `docker load` (and the removal of the temporary images whose layers it
@@ -306,7 +306,7 @@ impl Daemon {
             scratch: std::env::temp_dir(),
             scratch_visible: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             pending: Default::default(),
-            sizes: Default::default(),
+            sys_admin: has_sys_admin(),
         })
     }
 
@@ -328,7 +328,7 @@ impl Daemon {
     /// attributes that mark an opaque directory (reading on would let a replaced
     /// directory's old contents show through).
     pub async fn reads_upper_dirs(&self) -> bool {
-        self.read_upper && self.beside_daemon().await && has_sys_admin()
+        self.read_upper && self.sys_admin && self.beside_daemon().await
     }
 
     /// A name no other object of this process uses: `<prefix>-<pid>-<n>`.
@@ -346,15 +346,21 @@ impl Daemon {
         &self,
         reference: &str,
     ) -> Result<Option<(String, ImageState)>, StageError> {
+        Ok(self
+            .inspect_sized(reference)
+            .await?
+            .map(|(id, s, _)| (id, s)))
+    }
+
+    /// [`Self::inspect`] with the image's `Size` (bytes, all layers).
+    pub async fn inspect_sized(
+        &self,
+        reference: &str,
+    ) -> Result<Option<(String, ImageState, u64)>, StageError> {
         self.settle(reference).await?;
         match timed("inspect_image", self.docker.inspect_image(reference)).await {
             Ok(i) => {
-                if let (Some(id), Some(size)) = (&i.id, i.size) {
-                    self.sizes
-                        .lock()
-                        .unwrap()
-                        .insert(id.clone(), size.max(0) as u64);
-                }
+                let size = i.size.unwrap_or(0).max(0) as u64;
                 let state = ImageState {
                     layers: i.root_fs.and_then(|r| r.layers).unwrap_or_default(),
                     config: ImageConfig::from_inspect(i.config),
@@ -363,7 +369,7 @@ impl Daemon {
                     variant: i.variant.filter(|v| !v.is_empty()),
                     author: i.author.filter(|a| !a.is_empty()),
                 };
-                Ok(Some((i.id.unwrap_or_default(), state)))
+                Ok(Some((i.id.unwrap_or_default(), state, size)))
             }
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(derr(format!("inspect image {reference}"), e)),
@@ -459,16 +465,14 @@ impl Daemon {
 
     /// Removes the temporary `images` (whose layers the background `load` may refer to)
     /// once that load is done; [`Self::settle_all`] waits for this too.
-    pub fn remove_after_load(&self, load: Option<LoadDone>, images: Vec<String>) {
+    pub fn remove_after_load(&self, load: LoadDone, images: Vec<String>) {
         if images.is_empty() {
             return;
         }
         let docker = self.docker.clone();
         let name = self.unique("temporaries");
         let done: LoadDone = async move {
-            if let Some(load) = load {
-                let _ = load.await;
-            }
+            let _ = load.await;
             for i in images.iter().rev() {
                 let opts = RemoveImageOptionsBuilder::default().noprune(true).build();
                 let _ = docker.remove_image(i, Some(opts), None).await;
@@ -534,11 +538,6 @@ impl Daemon {
             }
         }
         first
-    }
-
-    /// The `Size` of an image this daemon handle inspected, if it did.
-    pub fn known_size(&self, id: &str) -> Option<u64> {
-        self.sizes.lock().unwrap().get(id).copied()
     }
 
     /// Puts one more layer (an uncompressed layer tar: files, directories, `.wh.`
@@ -752,12 +751,12 @@ impl Daemon {
     }
 
     /// Commits a container's changes as a new (temporary, noted in `res`) image and
-    /// returns its id and layer chain.
+    /// returns its layer chain and size.
     pub async fn commit_layers(
         &self,
         container: &str,
         res: &Resources,
-    ) -> Result<(String, Vec<String>), StageError> {
+    ) -> Result<(Vec<String>, u64), StageError> {
         let opts = CommitContainerOptionsBuilder::default()
             .container(container)
             .pause(false)
@@ -771,8 +770,8 @@ impl Daemon {
         .map_err(|e| derr("commit container", e))?;
         let id = r.id;
         res.image(&id);
-        match self.inspect(&id).await? {
-            Some((id, s)) => Ok((id, s.layers)),
+        match self.inspect_sized(&id).await? {
+            Some((_, s, size)) => Ok((s.layers, size)),
             None => Err(StageError::new(format!("committed image {id} vanished"))),
         }
     }

@@ -171,7 +171,7 @@ impl DockerExecutor {
         let layer = Arc::new(layer);
         mirror.unsent.push(layer.clone());
         mirror.written.extend(all);
-        st.added += layer.len() as u64;
+        st.size += layer.len() as u64;
         st.new_layers.insert(diff.clone(), layer);
         st.state.layers.push(diff);
         Ok(None)

@@ -202,26 +202,25 @@ pub(crate) struct StageRun<'a> {
     /// COPY --from sources read ahead (`prefetch.rs`), and whether that happened.
     pub prefetched: prefetch::Prefetched,
     pub prefetch_done: bool,
-    /// The image `state` was last read from on the daemon (the base, a reused step), and
-    /// the bytes of the layers written on top of it since: the stage image's size.
-    pub size_from: Option<String>,
-    pub added: u64,
+    /// The stage image's size: that of the image `state` was last read from on the
+    /// daemon (the base, a reused step, a commit) plus the layers written on it since.
+    pub size: u64,
 }
 
 impl DockerExecutor {
     async fn base_state(
         &self,
         task: &StageTask,
-    ) -> Result<(ImageState, Option<String>, Vec<String>), StageError> {
+    ) -> Result<(ImageState, Option<String>, Vec<String>, u64), StageError> {
         match &task.base {
             TaskBase::Scratch => {
                 let mut s = ImageState::empty(&task.platform);
                 s.config.env = vec![format!("PATH={DEFAULT_PATH}")];
                 s.config.working_dir = "/".into();
-                Ok((s, None, Vec::new()))
+                Ok((s, None, Vec::new(), 0))
             }
             TaskBase::Image { reference, id } => {
-                let (id, mut s) = self.daemon.inspect(id).await?.ok_or_else(|| {
+                let (id, mut s, size) = self.daemon.inspect_sized(id).await?.ok_or_else(|| {
                     StageError::new(format!(
                         "base image {reference} ({id}) is not on the Docker daemon of worker {}",
                         self.name
@@ -234,11 +233,11 @@ impl DockerExecutor {
                 }
                 let triggers = std::mem::take(&mut s.config.on_build);
                 changed |= !triggers.is_empty();
-                Ok((s, (!changed).then_some(id), triggers))
+                Ok((s, (!changed).then_some(id), triggers, size))
             }
             TaskBase::Stage { index, key } => {
                 let tag = stage_image_tag(key);
-                let (id, mut s) = self.daemon.inspect(&tag).await?.ok_or_else(|| {
+                let (id, mut s, size) = self.daemon.inspect_sized(&tag).await?.ok_or_else(|| {
                     StageError::new(format!(
                         "the result of stage {index} ({tag}) is not on the Docker daemon of worker {}",
                         self.name
@@ -247,7 +246,7 @@ impl DockerExecutor {
                 // The plan already put the parent stage's triggers into this stage.
                 let had = !s.config.on_build.is_empty();
                 s.config.on_build.clear();
-                Ok((s, (!had).then_some(id), Vec::new()))
+                Ok((s, (!had).then_some(id), Vec::new(), size))
             }
         }
     }
@@ -323,7 +322,7 @@ impl DockerExecutor {
         res: &Resources,
     ) -> Result<StageResult, StageError> {
         let started = Instant::now();
-        let (state, id, triggers) = self.base_state(task).await?;
+        let (state, id, triggers, size) = self.base_state(task).await?;
         let mut triggers = parse_triggers(&triggers, task.escape)?;
         let mut vars = StageVars::from_config(&state.config);
         // A stage built FROM a stage keeps the ARG values in scope at that stage's end (as
@@ -352,10 +351,8 @@ impl DockerExecutor {
             read_containers: Default::default(),
             prefetched: Default::default(),
             prefetch_done: false,
-            size_from: None,
-            added: 0,
+            size,
         };
-        st.size_from = st.id.clone();
         let (mut executed, mut reused) = (0, 0);
         for ti in &task.instructions {
             if cancel.is_cancelled() {
@@ -363,11 +360,10 @@ impl DockerExecutor {
             }
             let tag = instruction_image_tag(&ti.key);
             if !task.no_cache {
-                if let Some((id, s)) = self.daemon.inspect(&tag).await? {
+                if let Some((id, s, size)) = self.daemon.inspect_sized(&tag).await? {
                     self.flush(&mut st).await?;
                     st.state = s;
-                    st.size_from = Some(id.clone());
-                    st.added = 0;
+                    st.size = size;
                     st.id = Some(id);
                     st.mirror = None;
                     // The committed image holds what the instruction (and any pending
@@ -425,16 +421,14 @@ impl DockerExecutor {
         let from_layers = self.trees_from_layers(&st, &task.digest_paths).await;
         let (image_id, size, same_layers) = if st.pending.is_empty() {
             // Every step reused: the stage tag went on an image the daemon has.
-            let image = docker::timed(
-                "inspect_image",
-                self.daemon.docker.inspect_image(&stage_tag),
-            )
-            .await
-            .map_err(|e| docker::derr(format!("the stage image {stage_tag}"), e))?;
-            let size = image.size.unwrap_or(0).max(0) as u64;
-            let same =
-                image.root_fs.as_ref().and_then(|r| r.layers.as_ref()) == Some(&st.state.layers);
-            (image.id.unwrap_or_default(), size, same)
+            let (id, s, size) = self
+                .daemon
+                .inspect_sized(&stage_tag)
+                .await?
+                .ok_or_else(|| {
+                    StageError::new(format!("the stage image {stage_tag} is not on the daemon"))
+                })?;
+            (id, size, s.layers == st.state.layers)
         } else {
             // The images are written in the background, so the stage's consumers start
             // now: they read what they copy from the trees, and whatever names one of the
@@ -451,11 +445,7 @@ impl DockerExecutor {
                 .iter()
                 .position(|(_, tags)| tags.contains(&stage_tag))
                 .ok_or_else(|| StageError::new("the stage image has no tag"))?;
-            let base = st
-                .size_from
-                .as_deref()
-                .and_then(|i| self.daemon.known_size(i));
-            (ids[at].clone(), base.unwrap_or(0) + st.added, true)
+            (ids[at].clone(), st.size, true)
         };
         // The trees describe this stage's layers, so they are kept for the image with
         // exactly those: the one written now (its id is its content), or the one the tag
@@ -684,7 +674,7 @@ impl Executor for DockerExecutor {
             .instrument(span)
             .await;
         if let Some((load, images)) = later {
-            self.daemon.remove_after_load(Some(load), images);
+            self.daemon.remove_after_load(load, images);
         }
         match result {
             Err(e) if cancel.is_cancelled() && !e.cancelled => Err(StageError::cancelled()),

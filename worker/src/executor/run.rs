@@ -193,8 +193,14 @@ pub async fn run_container(
         }),
         ..Default::default()
     };
-    let id = match sandbox_free(daemon, &body) {
-        Some((files, fast)) if daemon.beside_daemon().await => {
+    // Only beside the daemon (which must see the files) are they written at all.
+    let fast = if daemon.beside_daemon().await {
+        sandbox_free(daemon, &body)
+    } else {
+        None
+    };
+    let id = match fast {
+        Some((files, fast)) => {
             match daemon.create(fast, res).await {
                 Ok(id) => {
                     // Kept until the container is removed: every archive read of it

@@ -130,7 +130,7 @@ impl DockerExecutor {
                     Some(None) => Ok(()),
                     Some(Some(layer)) => {
                         let diff = format!("sha256:{}", super::sha256::hex(&layer.tar));
-                        st.added += layer.tar.len() as u64;
+                        st.size += layer.tar.len() as u64;
                         st.new_layers
                             .insert(diff.clone(), std::sync::Arc::new(layer.tar));
                         st.whole_paths
@@ -292,7 +292,7 @@ impl DockerExecutor {
             diff_layer::append_whiteout(&mut tar, p).map_err(fail)?;
         }
         let layer = tar.into_inner().map_err(fail)?;
-        st.added += layer.len() as u64;
+        st.size += layer.len() as u64;
         st.state = self.daemon.add_layer(&st.state, layer, st.res).await?;
         Ok(())
     }

@@ -107,10 +107,9 @@ impl DockerExecutor {
         st: &mut StageRun<'_>,
         container: &str,
     ) -> Result<(), StageError> {
-        let (id, layers) = self.daemon.commit_layers(container, st.res).await?;
+        let (layers, size) = self.daemon.commit_layers(container, st.res).await?;
         st.state.layers = layers;
-        st.size_from = Some(id);
-        st.added = 0;
+        st.size = size;
         st.mirror = None;
         Ok(())
     }

@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 
 use bollard::Docker;
 
-use super::diff_layer::{append_whiteout, RunLayer};
+use super::diff_layer::{append_whiteout, empty_entry, RunLayer};
 
 /// Storage drivers whose container layer is an overlay upper directory.
 const OVERLAY_DRIVERS: &[&str] = &["overlay2", "fuse-overlayfs", "overlay"];
@@ -142,20 +142,17 @@ impl Walk<'_> {
             let p = format!("{path}/{name}");
             let meta = std::fs::symlink_metadata(&h)?;
             let ft = meta.file_type();
+            // A whiteout: a 0/0 device, or a `.wh.` file (fuse-overlayfs without mknod).
+            let deleted = match name.strip_prefix(".wh.") {
+                Some(hidden) => Some(format!("{path}/{hidden}")),
+                None => (ft.is_char_device() && meta.rdev() == 0).then(|| p.clone()),
+            };
+            if let Some(deleted) = deleted {
+                append_whiteout(&mut self.out, &deleted)?;
+                self.entries += 1;
+                continue;
+            }
             let marks = Marks::read(&h)?;
-            if ft.is_char_device() && meta.rdev() == 0 {
-                append_whiteout(&mut self.out, &p)?;
-                self.entries += 1;
-                continue;
-            }
-            if name.starts_with(".wh.") {
-                // A whiteout in file form (fuse-overlayfs without mknod): as it stands.
-                let mut hd = header(&meta);
-                hd.set_size(0);
-                self.out.append_data(&mut hd, rel(&p), io::empty())?;
-                self.entries += 1;
-                continue;
-            }
             let lower = if new { Lower::Absent } else { self.lower(&p)? };
             if let Lower::Found(lh, lmeta) = &lower {
                 // Copied up but the same as below (a hard link made to a lower file, a
@@ -173,15 +170,11 @@ impl Walk<'_> {
             if ft.is_dir() {
                 let opaque = marks.opaque || h.join(OPAQUE_FILE).symlink_metadata().is_ok();
                 let mut hd = header(&meta);
-                hd.set_size(0);
                 self.append_marked(&mut hd, &format!("{}/", rel(&p)), &marks, io::empty())?;
                 if opaque && !added {
                     // Replaced: what a lower layer holds below it must not show.
                     let wh = format!("{}/{OPAQUE_FILE}", rel(&p));
-                    let mut hd = header(&meta);
-                    hd.set_entry_type(tar::EntryType::Regular);
-                    hd.set_mode(0o644);
-                    hd.set_size(0);
+                    let mut hd = empty_entry(tar::EntryType::Regular, 0o644);
                     self.out.append_data(&mut hd, wh, io::empty())?;
                 }
                 // Below a replaced directory nothing of the lower layers shows: all new.
@@ -191,7 +184,6 @@ impl Walk<'_> {
             } else if ft.is_symlink() {
                 let target = std::fs::read_link(&h)?;
                 let mut hd = header(&meta);
-                hd.set_size(0);
                 self.out.append_link(&mut hd, rel(&p), &target)?;
             } else if ft.is_file() {
                 if meta.nlink() > 1 {
@@ -211,12 +203,10 @@ impl Walk<'_> {
                     return Ok(false);
                 }
                 let mut hd = header(&meta);
-                hd.set_size(meta.len());
                 let file = std::fs::File::open(&h)?;
                 self.append_marked(&mut hd, rel(&p), &marks, file)?;
             } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
                 let mut hd = header(&meta);
-                hd.set_size(0);
                 if !ft.is_fifo() {
                     let dev = meta.rdev();
                     hd.set_device_major(libc::major(dev))?;
