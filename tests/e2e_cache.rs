@@ -392,7 +392,88 @@ fn embedded_cache_keeps_under_its_cap() {
         !gone.status.success(),
         "the evicted stage's image is removed"
     );
+    assert_eq!(
+        parked(data.path()),
+        0,
+        "the evicted stage's parked image is removed"
+    );
     let again = submit_local(None);
     assert!(again.ok, "{}", again.stderr);
     assert_eq!(stages(&again, "stage_finished"), vec![0, 1]);
+}
+
+/// How many image archives are parked in the embedded data dir `data`.
+fn parked(data: &Path) -> usize {
+    std::fs::read_dir(data.join("parked/archives"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn on_daemon(reference: &str) -> bool {
+    Command::new("docker")
+        .args(["image", "inspect", reference])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// A stage the build reads only through `COPY --from` is parked in the data dir, not
+/// loaded into the daemon: a later build that edits its consumer reads the copied path
+/// from the parked archive (the image stays off the daemon), and one built FROM it loads
+/// it then.
+#[test]
+fn copy_from_only_stages_are_parked_until_needed() {
+    support::base_images();
+    let ctx = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let marker = support::unique_tag("park");
+    let producer = format!("FROM alpine:latest AS one\nRUN mkdir /d && echo {marker} > /d/one\n");
+    write(
+        ctx.path(),
+        "Dockerfile",
+        &format!("{producer}FROM alpine:latest\nCOPY --from=one /d/one /one\n"),
+    );
+    let first = local_submit(ctx.path(), data.path(), &[], &[]);
+    assert!(first.ok, "{}", first.stderr);
+    let key = first
+        .events
+        .iter()
+        .find(|e| e["event"] == "stage_finished" && e["stage"] == 0)
+        .and_then(|e| e["key"].as_str())
+        .unwrap()
+        .to_string();
+    let stage_tag = format!("dbuild-stage:{key}");
+    assert!(!on_daemon(&stage_tag), "the producer stays off the daemon");
+    assert_eq!(parked(data.path()), 1);
+    assert_eq!(run(&image_id(&first), "/one").trim(), marker);
+
+    // The consumer changes: the producer is a hit and its file comes from the archive.
+    write(
+        ctx.path(),
+        "Dockerfile",
+        &format!("{producer}FROM alpine:latest\nCOPY --from=one /d/one /again\n"),
+    );
+    let edited = local_submit(ctx.path(), data.path(), &[], &[]);
+    assert!(edited.ok, "{}", edited.stderr);
+    assert_eq!(stages(&edited, "stage_cached"), vec![0]);
+    assert_eq!(run(&image_id(&edited), "/again").trim(), marker);
+    assert!(!on_daemon(&stage_tag), "read without loading it");
+    assert_eq!(parked(data.path()), 1);
+
+    // Built FROM: the parked image is loaded (and no longer parked).
+    write(
+        ctx.path(),
+        "Dockerfile",
+        &format!("{producer}FROM one\nRUN cat /d/one > /from\n"),
+    );
+    let from = local_submit(ctx.path(), data.path(), &[], &[]);
+    assert!(from.ok, "{}", from.stderr);
+    assert_eq!(stages(&from, "stage_cached"), vec![0]);
+    assert_eq!(run(&image_id(&from), "/from").trim(), marker);
+    assert!(on_daemon(&stage_tag));
+    assert_eq!(parked(data.path()), 0);
+    let _ = Command::new("docker")
+        .args(["rmi", "-f", &stage_tag])
+        .output();
 }

@@ -413,7 +413,26 @@ fn stage_task_keyed(
         build_args: plan.build_args.clone(),
         network: req.network.clone(),
         digest_paths: read_paths.into_iter().flatten().cloned().collect(),
+        park: parkable(plan, index),
     }
+}
+
+/// Whether the build reads stage `index` only through plain `COPY --from` paths (see
+/// [`StageTask::park`]).
+fn parkable(plan: &crate::frontend::plan::Plan, index: usize) -> bool {
+    use crate::frontend::plan::StageRef;
+    if index == plan.target {
+        return false;
+    }
+    let exports = crate::pool::exports(plan, false);
+    let mounted = plan
+        .stages
+        .iter()
+        .filter(|s| plan.built[s.index])
+        .flat_map(|s| &s.instructions)
+        .flat_map(|pi| &pi.mount_from)
+        .any(|from| matches!(from, Some(StageRef::Stage(i)) if *i == index));
+    matches!(exports.get(&index), Some(e) if !e.image && !e.paths.is_empty()) && !mounted
 }
 
 /// The digests an instruction's `--from` reads were keyed on (those its key link names as

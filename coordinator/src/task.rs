@@ -112,6 +112,11 @@ pub struct StageTask {
     /// The build's `--network` for RUN without its own (`None`: the daemon's default).
     #[serde(default)]
     pub network: Option<String>,
+    /// The build reads this stage only through plain `COPY --from` paths (it is not the
+    /// target, no stage is built FROM it, nothing mounts it, no wildcard reads it): the
+    /// executor may keep its images off the daemon until something asks for them there.
+    #[serde(default)]
+    pub park: bool,
 }
 
 impl StageTask {

@@ -1,7 +1,7 @@
 //! `dbuild cache ls|stats|prune`: the stage cache of a coordinator (`--coordinator`) or of
 //! the embedded build (`<data-dir>/index`; pruning it also removes the stage images from
 //! the local daemon).
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -57,7 +57,8 @@ pub enum CacheCommand {
 /// The cache, wherever it lives.
 enum Target {
     Farm(worker::farm::Cache),
-    Local(Arc<StageCache>, Option<String>),
+    /// The index, the Docker host and the data directory (where parked images live).
+    Local(Arc<StageCache>, Option<String>, PathBuf),
 }
 
 pub fn run(args: CacheArgs) -> anyhow::Result<()> {
@@ -89,7 +90,7 @@ async fn cache(args: CacheArgs) -> anyhow::Result<()> {
                     )
                 })?;
             let cache = StageCache::new(Arc::new(index) as Arc<dyn Store>, None)?;
-            Target::Local(Arc::new(cache), args.docker_host.clone())
+            Target::Local(Arc::new(cache), args.docker_host.clone(), dir)
         }
     };
     match args.command {
@@ -99,7 +100,7 @@ async fn cache(args: CacheArgs) -> anyhow::Result<()> {
                     "StageRecords/1",
                     c.clone().list(CacheListRequest {}).await?.into_inner(),
                 )?,
-                Target::Local(c, _) => c.list()?,
+                Target::Local(c, _, _) => c.list()?,
             };
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
@@ -128,7 +129,7 @@ async fn cache(args: CacheArgs) -> anyhow::Result<()> {
                     "CacheStats/1",
                     c.clone().stats(CacheStatsRequest {}).await?.into_inner(),
                 )?,
-                Target::Local(c, _) => c.stats()?,
+                Target::Local(c, _, _) => c.stats()?,
             };
             if args.json {
                 let mut v = serde_json::to_value(&s)?;
@@ -170,9 +171,9 @@ async fn cache(args: CacheArgs) -> anyhow::Result<()> {
                         .await?
                         .into_inner(),
                 )?,
-                Target::Local(c, host) => {
+                Target::Local(c, host, dir) => {
                     let report = c.prune(&opts)?;
-                    remove_images(host.as_deref(), &report).await?;
+                    remove_images(host.as_deref(), dir, &report).await?;
                     report
                 }
             };
@@ -192,11 +193,19 @@ async fn cache(args: CacheArgs) -> anyhow::Result<()> {
 }
 
 /// Removes the daemon images of pruned embedded stages (tags another record still
-/// names are kept).
-pub(crate) async fn remove_images(host: Option<&str>, report: &PruneReport) -> anyhow::Result<()> {
+/// names are kept), and those parked under the data directory `data`.
+pub(crate) async fn remove_images(
+    host: Option<&str>,
+    data: &Path,
+    report: &PruneReport,
+) -> anyhow::Result<()> {
     if report.removed.is_empty() {
         return Ok(());
     }
+    let tags: Vec<String> = report.removed.iter().flat_map(|r| r.tags.clone()).collect();
+    worker::executor::park::Parked::new(&data.join("parked"))
+        .forget(&tags)
+        .context("removing the parked images of pruned stages")?;
     let docker = crate::output::connect(host).await?;
     for r in &report.removed {
         for tag in &r.tags {

@@ -138,7 +138,8 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
         worker::DockerExecutor::connect(args.docker_host.as_deref(), "local")
             .await
             .context("connecting to the Docker daemon")?
-            .with_scratch_dir(&data.join("tmp")),
+            .with_scratch_dir(&data.join("tmp"))
+            .with_park_dir(&data.join("parked")),
     );
     let executor: Arc<dyn Executor> = Arc::clone(&local) as Arc<dyn Executor>;
     let (pinned, keys) = pin_and_key(&*executor, &analysis, args.pull).await?;
@@ -234,7 +235,7 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
             .with_context(|| format!("writing --iidfile {}", path.display()))?;
     }
     if let Some(c) = &cache {
-        cap_local_cache(c, args.docker_host.as_deref()).await;
+        cap_local_cache(c, args.docker_host.as_deref(), &data).await;
     }
     Ok(Summary {
         built: outcome.results.len(),
@@ -245,7 +246,7 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
 /// The embedded cache's cap (`DBUILD_CACHE_MAX_SIZE`, default 20GB; `0` for none): past
 /// it, the least recently used stages go, records and daemon images, as `dbuild cache
 /// prune --keep-storage` would do. Sizes are the stage images' own sizes on the daemon.
-async fn cap_local_cache(cache: &StageCache, docker_host: Option<&str>) {
+async fn cap_local_cache(cache: &StageCache, docker_host: Option<&str>, data: &std::path::Path) {
     let cap = match std::env::var("DBUILD_CACHE_MAX_SIZE") {
         Ok(s) => match coordinator::cache::parse_size(&s) {
             Ok(n) => n,
@@ -265,7 +266,7 @@ async fn cap_local_cache(cache: &StageCache, docker_host: Option<&str>) {
     };
     match cache.prune(&opts) {
         Ok(report) => {
-            if let Err(e) = super::cache::remove_images(docker_host, &report).await {
+            if let Err(e) = super::cache::remove_images(docker_host, data, &report).await {
                 tracing::warn!(error = %e, "could not remove the images of evicted stages");
             }
         }

@@ -228,7 +228,8 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
         DockerExecutor::connect(cfg.docker_host.as_deref(), &cfg.name)
             .await
             .map_err(|e| WorkerError::Docker(e.message))?
-            .with_scratch_dir(&cfg.data_dir.join("tmp")),
+            .with_scratch_dir(&cfg.data_dir.join("tmp"))
+            .with_park_dir(&cfg.data_dir.join("parked")),
     );
     let docker = connect_docker(cfg.docker_host.as_deref()).await?;
     let blobs =
@@ -913,11 +914,9 @@ impl TaskCtx {
     }
 
     async fn has_image(&self, reference: &str) -> bool {
-        // A stage image this worker is still writing counts once it is written.
-        if self.executor.settle(reference).await.is_err() {
-            return false;
-        }
-        self.docker.inspect_image(reference).await.is_ok()
+        // A stage image this worker is still writing counts once it is written; a parked
+        // one counts as it is (whatever needs it on the daemon loads it).
+        self.executor.holds_image(reference).await
     }
 
     /// Exports what the consumers need: the image (docker save) and/or the copied paths.

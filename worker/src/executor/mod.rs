@@ -9,6 +9,7 @@ mod fetch;
 mod layer_read;
 mod layers;
 mod mounts;
+pub mod park;
 mod prefetch;
 mod run;
 mod run_step;
@@ -93,6 +94,13 @@ impl DockerExecutor {
         self
     }
 
+    /// Parks the images of stages the build reads only through `COPY --from` under `dir`
+    /// instead of loading them (see `park.rs`).
+    pub fn with_park_dir(mut self, dir: &std::path::Path) -> Self {
+        self.daemon.parked = Some(park::Parked::new(dir));
+        self
+    }
+
     /// Where to write files the daemon bind-mounts into RUN containers (default: the
     /// system's temporary directory). It must be a directory the daemon sees at the same
     /// path; when it refuses one, RUNs go on without the shortcut.
@@ -131,6 +139,39 @@ impl DockerExecutor {
     /// process ends); the first failed write is the error.
     pub async fn settle_all(&self) -> Result<(), StageError> {
         self.daemon.settle_all().await
+    }
+
+    /// What `COPY --from` reads at `path` (absolute, clean) of the parked image `id`, from
+    /// the layers its archive holds ([`layer_read::tree_from_layers`]), without loading it;
+    /// `None` when the image is not parked or those layers do not settle the path.
+    pub(crate) async fn parked_tree(&self, id: &str, path: &str) -> Option<tree::SourceTree> {
+        let parked = self.daemon.parked.clone()?;
+        let entry = parked.peek(id)?;
+        if entry.layers.is_empty() {
+            return None;
+        }
+        let path = path.to_string();
+        tokio::task::spawn_blocking(move || {
+            let wanted: Vec<&str> = entry.layers.iter().map(|l| l.file.as_str()).collect();
+            let mut files = parked.layer_files(&entry.archive, &wanted).ok()?;
+            let views: Vec<layer_read::LayerView> = entry
+                .layers
+                .iter()
+                .map(|l| layer_read::LayerView {
+                    tar: files.remove(&l.file).map(Arc::new),
+                    whole: Arc::new(l.whole.clone()),
+                })
+                .collect();
+            layer_read::tree_from_layers(&views, &path)
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// Whether the daemon holds `reference` or it is parked here (not loaded for this).
+    pub async fn holds_image(&self, reference: &str) -> bool {
+        matches!(self.daemon.peek_id(reference).await, Ok(Some(_)))
     }
 
     /// Waits until `reference` (a tag or image id), if the executor is writing it in the
@@ -173,6 +214,10 @@ fn parse_triggers(triggers: &[String], escape: char) -> Result<Vec<Instruction>,
 }
 
 /// The state of a stage being built.
+/// The most layer bytes a stage parks (written to disk before the stage reports; more
+/// goes to the daemon in the background).
+const PARK_MAX: usize = 64 << 20;
+
 pub(crate) struct StageRun<'a> {
     pub task: &'a StageTask,
     pub inputs: &'a BuildInputs,
@@ -205,19 +250,23 @@ pub(crate) struct StageRun<'a> {
     /// The stage image's size: that of the image `state` was last read from on the
     /// daemon (the base, a reused step, a commit) plus the layers written on it since.
     pub size: u64,
+    /// How many of `state`'s bottom layers an image this stage does not remove holds
+    /// (the base image, a reused step's image), and that image: a parked archive
+    /// leaves those layers out.
+    pub durable: (usize, Option<String>),
 }
 
 impl DockerExecutor {
     async fn base_state(
         &self,
         task: &StageTask,
-    ) -> Result<(ImageState, Option<String>, Vec<String>, u64), StageError> {
+    ) -> Result<(ImageState, Option<String>, Vec<String>, u64, Option<String>), StageError> {
         match &task.base {
             TaskBase::Scratch => {
                 let mut s = ImageState::empty(&task.platform);
                 s.config.env = vec![format!("PATH={DEFAULT_PATH}")];
                 s.config.working_dir = "/".into();
-                Ok((s, None, Vec::new(), 0))
+                Ok((s, None, Vec::new(), 0, None))
             }
             TaskBase::Image { reference, id } => {
                 let (id, mut s, size) = self.daemon.inspect_sized(id).await?.ok_or_else(|| {
@@ -233,7 +282,13 @@ impl DockerExecutor {
                 }
                 let triggers = std::mem::take(&mut s.config.on_build);
                 changed |= !triggers.is_empty();
-                Ok((s, (!changed).then_some(id), triggers, size))
+                Ok((
+                    s,
+                    (!changed).then_some(id.clone()),
+                    triggers,
+                    size,
+                    Some(id),
+                ))
             }
             TaskBase::Stage { index, key } => {
                 let tag = stage_image_tag(key);
@@ -246,7 +301,7 @@ impl DockerExecutor {
                 // The plan already put the parent stage's triggers into this stage.
                 let had = !s.config.on_build.is_empty();
                 s.config.on_build.clear();
-                Ok((s, (!had).then_some(id), Vec::new(), size))
+                Ok((s, (!had).then_some(id.clone()), Vec::new(), size, Some(id)))
             }
         }
     }
@@ -322,7 +377,8 @@ impl DockerExecutor {
         res: &Resources,
     ) -> Result<StageResult, StageError> {
         let started = Instant::now();
-        let (state, id, triggers, size) = self.base_state(task).await?;
+        let (state, id, triggers, size, base_id) = self.base_state(task).await?;
+        let durable = (state.layers.len(), base_id);
         let mut triggers = parse_triggers(&triggers, task.escape)?;
         let mut vars = StageVars::from_config(&state.config);
         // A stage built FROM a stage keeps the ARG values in scope at that stage's end (as
@@ -352,6 +408,7 @@ impl DockerExecutor {
             prefetched: Default::default(),
             prefetch_done: false,
             size,
+            durable,
         };
         let (mut executed, mut reused) = (0, 0);
         for ti in &task.instructions {
@@ -362,6 +419,7 @@ impl DockerExecutor {
             if !task.no_cache {
                 if let Some((id, s, size)) = self.daemon.inspect_sized(&tag).await? {
                     self.flush(&mut st).await?;
+                    st.durable = (s.layers.len(), Some(id.clone()));
                     st.state = s;
                     st.size = size;
                     st.id = Some(id);
@@ -439,8 +497,19 @@ impl DockerExecutor {
                 .iter()
                 .map(|(s, tags)| (s, tags.clone(), None))
                 .collect();
-            let (ids, load) = self.daemon.load_later(&images, &mut st.new_layers)?;
-            res.set_load(load);
+            let ids = match self.parkable(&st, &images) {
+                Some(layers) => {
+                    let base = (st.durable.0, st.durable.1.as_deref());
+                    self.daemon
+                        .park(&images, &layers, base, &st.whole_paths)
+                        .await?
+                }
+                None => {
+                    let (ids, load) = self.daemon.load_later(&images, &mut st.new_layers)?;
+                    res.set_load(load);
+                    ids
+                }
+            };
             let at = pending
                 .iter()
                 .position(|(_, tags)| tags.contains(&stage_tag))
@@ -518,6 +587,30 @@ impl DockerExecutor {
             "contents from the stage's layers"
         );
         settled
+    }
+
+    /// The layers a parked archive of `images` must hold, if the stage is parked: the
+    /// build needs its images only through the paths it copies (`task.park`), and every
+    /// layer of theirs above the durable base is one the daemon has not seen (a stage
+    /// that loaded some already, for a RUN container, has paid for registering them: its
+    /// images go to the daemon as before), [`PARK_MAX`] bytes in all at most.
+    fn parkable(
+        &self,
+        st: &StageRun<'_>,
+        images: &[(&ImageState, Vec<String>, Option<&str>)],
+    ) -> Option<docker::NewLayers> {
+        if !st.task.park || self.daemon.parked.is_none() {
+            return None;
+        }
+        let (durable, _) = &st.durable;
+        let mut layers = docker::NewLayers::new();
+        for (state, _, _) in images {
+            for diff in state.layers.iter().skip(*durable) {
+                layers.insert(diff.clone(), st.new_layers.get(diff)?.clone());
+            }
+        }
+        let bytes: usize = layers.values().map(|l| l.len()).sum();
+        (bytes <= PARK_MAX).then_some(layers)
     }
 
     /// Writes the pending images (one `docker load`).
@@ -642,16 +735,18 @@ impl Executor for DockerExecutor {
     }
 
     async fn written(&self, image_id: &str) -> Result<(), StageError> {
-        self.daemon.settle(image_id).await
+        // A parked image is written once parked: it is not loaded for this.
+        self.daemon.settle_pending(image_id).await
     }
 
     async fn stage_image(&self, key: &StageKey) -> Option<String> {
+        // A parked stage image counts without being loaded: a consumer that needs it on
+        // the daemon loads it then.
         self.daemon
-            .inspect(&stage_image_tag(key))
+            .peek_id(&stage_image_tag(key))
             .await
             .ok()
             .flatten()
-            .map(|(id, _)| id)
     }
 
     async fn run_stage(

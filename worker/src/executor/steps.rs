@@ -350,10 +350,18 @@ impl DockerExecutor {
                 )))
                 }
                 Some(FromImage::Reference(r)) => {
-                    let cached = from_id.as_ref().and_then(|id| {
-                        let abs = super::config::clean_abs(&format!("/{src}"));
-                        self.trees.lock().unwrap().get(id, &abs)
-                    });
+                    let abs = super::config::clean_abs(&format!("/{src}"));
+                    let mut cached = from_id
+                        .as_ref()
+                        .and_then(|id| self.trees.lock().unwrap().get(id, &abs));
+                    // A parked stage (see `park.rs`) is read from its archive if it can be.
+                    if let (None, Some(id), false) = (&cached, &from_id, cp::has_wildcard(src)) {
+                        if let Some(t) = self.parked_tree(id, &abs).await {
+                            tracing::debug!(path = %abs, "read from a parked image");
+                            self.trees.lock().unwrap().put(id, &abs, vec![t]);
+                            cached = self.trees.lock().unwrap().get(id, &abs);
+                        }
+                    }
                     let found = match cached {
                         Some(t) => t.as_ref().clone(),
                         None => {

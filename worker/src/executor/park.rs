@@ -1,0 +1,284 @@
+//! Parked stage images: written to the worker's data directory as the `docker load`
+//! archive they would have been sent as, and loaded into the daemon only when something
+//! needs them there.
+//!
+//! Registering a layer costs the daemon about 50 ms whatever its size (it re-executes
+//! itself to unpack each layer in a chroot; measured here on overlay2 and on
+//! fuse-overlayfs alike), and the daemon takes loads one at a time. A stage that the
+//! build reads only through `COPY --from` (its consumers read the trees its layers hold)
+//! does not need its images on the daemon at all: writing them there only delayed the
+//! target's own load. Its images, with their tags, are parked instead; the stage cache
+//! still finds them by tag ([`Parked::peek`]), and the first call that needs one on the
+//! daemon (a container of it, a tag, an export, a later `FROM`) loads the archive
+//! ([`super::docker::Daemon::settle`]).
+//!
+//! Layout under the directory: `archives/<name>.tar` (a `docker load` archive holding the
+//! layers the daemon may lack), and `names/<sha256 of a tag or image id>.json` pointing at
+//! its archive. The archive's other layers belong to the image named `base`, which must
+//! still be on the daemon for the parked image to count. Files are written to a
+//! temporary name and renamed, so a reader in another process sees all or nothing.
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// What a parked name points at.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ParkedName {
+    /// The archive's file name (without `.tar`).
+    pub archive: String,
+    /// The image id the name resolves to.
+    pub id: String,
+    /// The image whose layers the archive leaves out (`None`: it sends them all).
+    pub base: Option<String>,
+    /// The image's layers above the base, top first, where the archive holds them all
+    /// (else empty).
+    #[serde(default)]
+    pub layers: Vec<ParkedLayer>,
+}
+
+/// One layer of a parked image in its archive.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ParkedLayer {
+    /// The layer tar's file name in the archive.
+    pub file: String,
+    /// Absolute paths the layer holds whole (directories a RUN added).
+    pub whole: Vec<String>,
+}
+
+/// A directory of parked images (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Parked {
+    dir: PathBuf,
+}
+
+impl Parked {
+    pub fn new(dir: &Path) -> Self {
+        Parked {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn name_path(&self, name: &str) -> PathBuf {
+        self.dir
+            .join("names")
+            .join(format!("{}.json", super::sha256::hex(name.as_bytes())))
+    }
+
+    pub fn archive_path(&self, archive: &str) -> PathBuf {
+        self.dir.join("archives").join(format!("{archive}.tar"))
+    }
+
+    /// Parks `archive` (a `docker load` archive) under every name given (its `archive`
+    /// field is filled in here).
+    pub fn put(&self, archive: &[u8], names: &[(String, ParkedName)]) -> io::Result<()> {
+        let file = super::sha256::hex(archive);
+        write_atomic(&self.archive_path(&file), archive)?;
+        // A name parked again (a stage rebuilt under the same key) leaves its old archive
+        // behind: that goes, with the names only it had.
+        let replaced: std::collections::BTreeSet<String> = names
+            .iter()
+            .filter_map(|(n, _)| self.peek(n))
+            .map(|e| e.archive)
+            .filter(|a| *a != file)
+            .collect();
+        for (name, entry) in names {
+            let entry = ParkedName {
+                archive: file.clone(),
+                ..entry.clone()
+            };
+            let json = serde_json::to_vec(&entry).expect("a parked name serializes");
+            write_atomic(&self.name_path(name), &json)?;
+        }
+        for old in replaced {
+            self.unpark(&old)?;
+        }
+        Ok(())
+    }
+
+    /// What `name` (a tag or an image id) points at, if it is parked.
+    pub fn peek(&self, name: &str) -> Option<ParkedName> {
+        let bytes = std::fs::read(self.name_path(name)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Drops the archives `names` point at, with every name of theirs (a pruned stage
+    /// goes with its steps' images, which its archive holds too).
+    pub fn forget(&self, names: &[String]) -> io::Result<()> {
+        let archives: std::collections::BTreeSet<String> = names
+            .iter()
+            .filter_map(|n| self.peek(n))
+            .map(|e| e.archive)
+            .collect();
+        for a in archives {
+            self.unpark(&a)?;
+        }
+        self.sweep()
+    }
+
+    /// Drops every name pointing at `archive`, then the archive itself (once loaded).
+    pub fn unpark(&self, archive: &str) -> io::Result<()> {
+        for (path, entry) in self.names()? {
+            if entry.archive == archive {
+                remove_if_there(&path)?;
+            }
+        }
+        remove_if_there(&self.archive_path(archive))
+    }
+
+    /// The layer tars `files` of parked archive `archive`, by file name (those it holds).
+    pub fn layer_files(
+        &self,
+        archive: &str,
+        files: &[&str],
+    ) -> io::Result<std::collections::HashMap<String, Vec<u8>>> {
+        let mut out = std::collections::HashMap::new();
+        let f = std::fs::File::open(self.archive_path(archive))?;
+        let mut ar = tar::Archive::new(io::BufReader::new(f));
+        for e in ar.entries()? {
+            let mut e = e?;
+            let name = e.path()?.to_string_lossy().to_string();
+            if files.contains(&name.as_str()) {
+                let mut data = Vec::with_capacity(e.size() as usize);
+                io::Read::read_to_end(&mut e, &mut data)?;
+                out.insert(name, data);
+            }
+        }
+        Ok(out)
+    }
+
+    fn names(&self) -> io::Result<Vec<(PathBuf, ParkedName)>> {
+        let dir = self.dir.join("names");
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for e in rd {
+            let path = e?.path();
+            if path.extension().is_some_and(|x| x == "json") {
+                if let Some(entry) = std::fs::read(&path)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                {
+                    out.push((path, entry));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the archives no name points at.
+    fn sweep(&self) -> io::Result<()> {
+        let used: std::collections::HashSet<String> =
+            self.names()?.into_iter().map(|(_, e)| e.archive).collect();
+        let rd = match std::fs::read_dir(self.dir.join("archives")) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for e in rd {
+            let path = e?.path();
+            let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            if path.extension().is_some_and(|x| x == "tar") && !used.contains(stem) {
+                remove_if_there(&path)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn remove_if_there(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Writes `data` to `path` through a temporary file in the same directory (flushed to
+/// disk, then renamed), creating the directory if needed.
+fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let dir = path.parent().expect("a parked file has a directory");
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(data)?;
+    tmp.as_file().sync_data()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(id: &str, base: Option<&str>) -> ParkedName {
+        ParkedName {
+            archive: String::new(),
+            id: id.to_string(),
+            base: base.map(str::to_string),
+            layers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn put_peek_unpark_forget() {
+        let d = tempfile::tempdir().unwrap();
+        let p = Parked::new(d.path());
+        let names = vec![
+            (
+                "dbuild-stage:aa".to_string(),
+                n("sha256:1", Some("sha256:base")),
+            ),
+            ("sha256:1".to_string(), n("sha256:1", Some("sha256:base"))),
+        ];
+        p.put(b"archive one", &names).unwrap();
+        p.put(
+            b"archive two",
+            &[("dbuild-stage:bb".into(), n("sha256:2", None))],
+        )
+        .unwrap();
+        let e = p.peek("dbuild-stage:aa").unwrap();
+        assert_eq!(e.id, "sha256:1");
+        assert_eq!(e.base.as_deref(), Some("sha256:base"));
+        assert_eq!(p.peek("sha256:1").unwrap().archive, e.archive);
+        assert_eq!(
+            std::fs::read(p.archive_path(&e.archive)).unwrap(),
+            b"archive one"
+        );
+        assert!(p.peek("dbuild-stage:cc").is_none());
+
+        p.unpark(&e.archive).unwrap();
+        assert!(p.peek("dbuild-stage:aa").is_none() && p.peek("sha256:1").is_none());
+        assert!(!p.archive_path(&e.archive).exists());
+
+        // Parked again under the same tag: the old archive and its other names go.
+        p.put(
+            b"old",
+            &[
+                ("t:x".into(), n("sha256:o", None)),
+                ("sha256:o".into(), n("sha256:o", None)),
+            ],
+        )
+        .unwrap();
+        let old = p.peek("t:x").unwrap();
+        p.put(b"new", &[("t:x".into(), n("sha256:n", None))])
+            .unwrap();
+        assert_eq!(p.peek("t:x").unwrap().id, "sha256:n");
+        assert!(p.peek("sha256:o").is_none());
+        assert!(!p.archive_path(&old.archive).exists());
+
+        let two = p.peek("dbuild-stage:bb").unwrap();
+        p.put(b"archive two", &[("sha256:2".into(), n("sha256:2", None))])
+            .unwrap();
+        p.forget(&["dbuild-stage:bb".to_string()]).unwrap();
+        assert!(p.peek("dbuild-stage:bb").is_none());
+        assert!(
+            p.peek("sha256:2").is_none(),
+            "the archive's other names go too"
+        );
+        assert!(!p.archive_path(&two.archive).exists());
+    }
+}
