@@ -417,6 +417,9 @@ fn used_tags(a: &TaskAssignment) -> Vec<String> {
     tags
 }
 
+/// Path artifacts of one stage up to this many bytes in all are imported from memory.
+const PATHS_IN_MEMORY: u64 = 64 << 20;
+
 /// The tag of the image a worker makes of a stage's exported paths: named by the stage key
 /// and the artifacts' digests, so other artifacts of the same key never reuse it.
 fn paths_image_tag(key: &StageKey, arts: &[coordinator::pool::Artifact]) -> String {
@@ -760,8 +763,11 @@ impl TaskCtx {
                 });
             let this = self.clone_for_import();
             let have = have.clone();
+            let platform = task.platform.clone();
             async move {
-                let made = this.import_stage(key, &arts, expected, have).await?;
+                let made = this
+                    .import_stage(key, &arts, expected, have, &platform)
+                    .await?;
                 Ok::<_, StageError>((key, made))
             }
         });
@@ -816,6 +822,7 @@ impl TaskCtx {
         arts: &[coordinator::pool::Artifact],
         expected: Option<String>,
         have: Vec<String>,
+        platform: &str,
     ) -> Result<Option<(String, String)>, StageError> {
         let held = match &expected {
             Some(id) => self.has_image(id).await,
@@ -832,6 +839,30 @@ impl TaskCtx {
         }
         // Only paths: build an image holding just them, and read COPY --from there.
         let reference = paths_image_tag(&key, arts);
+        let small = arts.iter().map(|a| a.size).sum::<u64>() <= PATHS_IN_MEMORY;
+        if small && !self.has_image(&reference).await {
+            // Written in the background under an id known at once, its paths read ahead
+            // into the tree cache: the consumer starts without waiting for the daemon.
+            let mut paths = Vec::with_capacity(arts.len());
+            for art in arts {
+                paths.push((art.path.clone(), self.fetch_blob(&art.digest).await?));
+            }
+            let (layer, paths) = tokio::task::spawn_blocking(move || {
+                let mut out = tar::Builder::new(Vec::new());
+                for (path, data) in &paths {
+                    reprefix(&mut out, &data[..], parent_of(path), base_of(path))
+                        .map_err(|e| std::io::Error::other(format!("artifact {path}: {e}")))?;
+                }
+                Ok::<_, std::io::Error>((out.into_inner()?, paths))
+            })
+            .await
+            .map_err(|e| StageError::new(e.to_string()))?
+            .map_err(|e| StageError::new(e.to_string()))?;
+            let id = self
+                .executor
+                .load_paths_image(&reference, platform, layer, &paths)?;
+            return Ok(Some((reference, id)));
+        }
         if !self.has_image(&reference).await {
             // Streamed through files: an artifact may be larger than memory.
             let mut parts = Vec::with_capacity(arts.len());

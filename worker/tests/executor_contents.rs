@@ -97,3 +97,56 @@ async fn contents_from_the_stage_layers_equal_an_image_read() {
         assert_eq!(read, built.contents);
     }
 }
+
+/// A farm worker turns a stage's exported paths into an image it writes in the
+/// background (`load_paths_image`): the consumer reads each path from its archive at
+/// once, exactly what its key names, and the image itself still lands on the daemon. The
+/// image's own layer is left empty here, so the copy can only have come from the archives.
+#[tokio::test]
+async fn exported_paths_are_read_ahead_for_the_consumer() {
+    let ex = executor("tpathsahead").await;
+    let dir = tempfile::tempdir().unwrap();
+    let marker = std::process::id();
+    let (tasks, inputs) = tasks(
+        &ex,
+        dir.path(),
+        &format!(
+            "FROM alpine:latest AS p\nRUN echo ahead-{marker} > /out && mkdir -p /d/e && echo x > /d/e/x\n\
+             FROM alpine:latest\nCOPY --from=p /out /out\nCOPY --from=p /d/ /d/\n"
+        ),
+        Default::default(),
+    )
+    .await;
+    let (built, _) = run_all(&ex, &tasks[..1], &inputs).await;
+    let built = built.unwrap().remove(0);
+    let archive = |p: &str| ex.cached_path_archive(&built.image_id, p).unwrap();
+    let paths = vec![
+        ("/out".to_string(), archive("/out")),
+        ("/d".to_string(), archive("/d")),
+    ];
+
+    let empty_layer = tar::Builder::new(Vec::new()).into_inner().unwrap();
+    let reference = format!("dbuild-paths:tpathsahead-{marker}");
+    let id = ex
+        .load_paths_image(&reference, "linux/amd64", empty_layer, &paths)
+        .unwrap();
+    let mut consumer = tasks[1].clone();
+    for ti in &mut consumer.instructions {
+        ti.copy_from = Some(coordinator::task::TaskSource::Image {
+            reference: id.clone(),
+            id: id.clone(),
+        });
+    }
+    consumer.instructions[0].from_contents =
+        [("/out".into(), built.contents["/out"].clone())].into();
+    consumer.instructions[1].from_contents = [("/d".into(), built.contents["/d"].clone())].into();
+    let (out, _) = run_all(&ex, std::slice::from_ref(&consumer), &inputs).await;
+    let out = out.unwrap().remove(0);
+    let cat = docker(&["run", "--rm", &out.image_id, "cat", "/out", "/d/e/x"]).unwrap();
+    assert_eq!(cat, format!("ahead-{marker}\nx\n"));
+
+    ex.settle(&reference).await.unwrap();
+    let on_daemon = docker(&["image", "inspect", "--format", "{{.Id}}", &reference]).unwrap();
+    assert_eq!(on_daemon.trim(), id);
+    let _ = docker(&["rmi", &reference]);
+}

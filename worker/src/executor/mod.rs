@@ -169,6 +169,42 @@ impl DockerExecutor {
         .flatten()
     }
 
+    /// Writes an image of one layer (`layer`, which holds each exported path of
+    /// `paths` at its place) under `reference`, in the background, and returns its id at
+    /// once (the digest of its config). What `COPY --from` reads at each path is taken
+    /// from the path's own archive (`paths`: absolute path, its archive as the archive
+    /// API gives it) into the tree cache under that id, so a consumer reads it without
+    /// waiting for the load; anything that needs the image on the daemon waits for it.
+    pub fn load_paths_image(
+        &self,
+        reference: &str,
+        platform: &str,
+        layer: Vec<u8>,
+        paths: &[(String, Vec<u8>)],
+    ) -> Result<String, StageError> {
+        let mut state = ImageState::empty(platform);
+        let diff = format!("sha256:{}", sha256::hex(&layer));
+        state.layers.push(diff.clone());
+        let mut layers = docker::NewLayers::new();
+        layers.insert(diff, Arc::new(layer));
+        let (ids, _done) = self
+            .daemon
+            .load_later(&[(&state, vec![reference.to_string()], None)], &mut layers)?;
+        let id = ids.into_iter().next().expect("one image");
+        for (path, data) in paths {
+            let abs = config::clean_abs(path);
+            match tree::tar_tree(data, &abs) {
+                // A symlink is read through the image (COPY follows it).
+                Ok(t) if !matches!(t.root().kind, tree::Kind::Symlink(_)) => {
+                    self.trees.lock().unwrap().put(&id, &abs, vec![t]);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(path = %abs, error = %e, "artifact not read ahead"),
+            }
+        }
+        Ok(id)
+    }
+
     /// Whether the daemon holds `reference` or it is parked here (not loaded for this).
     pub async fn holds_image(&self, reference: &str) -> bool {
         matches!(self.daemon.peek_id(reference).await, Ok(Some(_)))
