@@ -235,9 +235,12 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
     let blobs =
         BlobStore::open(&cfg.data_dir.join("blobs")).map_err(|e| WorkerError::Io(e.to_string()))?;
     let running: Arc<Mutex<BTreeMap<String, CancellationToken>>> = Arc::default();
-    let cap = cfg
-        .image_cap
-        .map(|c| Arc::new(crate::image_cap::ImageCap::new(docker.clone(), c)));
+    let cap = cfg.image_cap.map(|c| {
+        Arc::new(
+            crate::image_cap::ImageCap::new(docker.clone(), c)
+                .with_parked(executor.parked().cloned()),
+        )
+    });
     if let Some(cap) = &cap {
         enforce_cap(Arc::clone(cap));
     }

@@ -2,7 +2,9 @@
 //! `dbuild-cache:*`, `dbuild-paths:*`): least recently used first, never one used in the
 //! last [`RECENT`] (a running stage's inputs, or outputs its consumers are about to read).
 //! An evicted stage image is only a local loss: the pool sends every input's artifacts
-//! with each task, and the worker imports what its daemon lacks.
+//! with each task, and the worker imports what its daemon lacks. Stage images the worker
+//! parked beside the daemon (`executor/park.rs`) count against the same cap, by the size
+//! of their archives, and go the same way.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -61,6 +63,7 @@ pub struct ImageCap {
     /// Tag prefixes of the images it manages.
     prefixes: Vec<String>,
     recent: Duration,
+    parked: Option<crate::executor::park::Parked>,
 }
 
 impl ImageCap {
@@ -74,7 +77,14 @@ impl ImageCap {
             running: Mutex::default(),
             prefixes: OURS.iter().map(|p| p.to_string()).collect(),
             recent: RECENT,
+            parked: None,
         }
+    }
+
+    /// Counts (and evicts) the images parked in `parked` too.
+    pub fn with_parked(mut self, parked: Option<crate::executor::park::Parked>) -> Self {
+        self.parked = parked;
+        self
     }
 
     /// Manages the images tagged with these prefixes instead of dbuild's, and protects
@@ -182,8 +192,15 @@ impl ImageCap {
                 }
             })
             .collect();
+        let parked = match &self.parked {
+            Some(p) => p
+                .archives()
+                .map_err(|e| format!("listing parked images: {e}"))?,
+            None => Vec::new(),
+        };
         let mut report = CapReport {
-            bytes_before: ours.iter().map(|c| c.own).sum(),
+            bytes_before: ours.iter().map(|c| c.own).sum::<u64>()
+                + parked.iter().map(|a| a.bytes).sum::<u64>(),
             ..Default::default()
         };
         let mut total = report.bytes_before;
@@ -223,6 +240,32 @@ impl ImageCap {
             if !ours[k + 1..].iter().any(|c| extends(layers, &c.layers)) {
                 total = total.saturating_sub(*own);
                 report.bytes_freed += own;
+            }
+        }
+        if let (Some(dir), true) = (&self.parked, total > self.cap) {
+            let last = |a: &crate::executor::park::ParkedArchive| {
+                a.names
+                    .iter()
+                    .filter_map(|n| used.get(n).copied())
+                    .chain([a.modified])
+                    .max()
+                    .unwrap_or(a.modified)
+            };
+            let mut parked = parked;
+            parked.sort_by_key(|a| last(a));
+            for a in &parked {
+                if total <= self.cap {
+                    break;
+                }
+                let busy = a.names.iter().any(|n| in_use.contains(n));
+                if busy || now.duration_since(last(a)).unwrap_or_default() < self.recent {
+                    continue;
+                }
+                dir.unpark(&a.archive)
+                    .map_err(|e| format!("removing a parked image: {e}"))?;
+                report.images_removed += 1;
+                report.bytes_freed += a.bytes;
+                total = total.saturating_sub(a.bytes);
             }
         }
         Ok(report)

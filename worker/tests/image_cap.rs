@@ -104,3 +104,48 @@ async fn least_recently_used_images_go_first_until_they_fit() {
     assert_eq!(none_recent.enforce().await.unwrap().images_removed, 1);
     assert!(!exists(&tags[1]));
 }
+
+/// Parked stage images count against the cap by their archives' sizes and go least
+/// recently used first, never one a running task reads.
+#[tokio::test(flavor = "multi_thread")]
+async fn parked_images_count_and_go_least_recently_used_first() {
+    use worker::executor::park::{Parked, ParkedName};
+    let dir = tempfile::tempdir().unwrap();
+    let parked = Parked::new(dir.path());
+    let name = |n: &str| ParkedName {
+        name: String::new(),
+        archive: String::new(),
+        id: format!("sha256:{n}"),
+        base: None,
+        layers: Vec::new(),
+    };
+    for (n, fill) in [("old", 1u8), ("busy", 2), ("mid", 3), ("new", 4)] {
+        parked
+            .put(&vec![fill; 1000], &[(format!("t:{n}"), name(n))])
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let docker = bollard::Docker::connect_with_local_defaults()
+        .unwrap()
+        .negotiate_version()
+        .await
+        .unwrap();
+    // No daemon image in scope: only the parked ones weigh.
+    let scope = format!("dbuild-parkcaptest-{}:", std::process::id());
+    let cap = ImageCap::new(docker, 2500)
+        .scoped(&[&scope], Duration::ZERO)
+        .with_parked(Some(parked.clone()));
+    cap.begin("task", vec!["t:busy".into()]);
+    let r = cap.enforce().await.unwrap();
+    assert_eq!(r.bytes_before, 4000, "{r:?}");
+    assert_eq!((r.images_removed, r.bytes_freed), (2, 2000), "{r:?}");
+    assert!(parked.peek("t:old").is_none() && parked.peek("t:mid").is_none());
+    assert!(
+        parked.peek("t:busy").is_some(),
+        "a running task's input stays"
+    );
+    assert!(
+        parked.peek("t:new").is_some(),
+        "the most recently used stays"
+    );
+}

@@ -698,6 +698,7 @@ impl Daemon {
                 })
                 .collect();
             let entry = super::park::ParkedName {
+                name: String::new(),
                 archive: String::new(),
                 id: id.clone(),
                 base: base.1.map(str::to_string),

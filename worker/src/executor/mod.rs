@@ -101,6 +101,11 @@ impl DockerExecutor {
         self
     }
 
+    /// Where this executor parks images, if it does.
+    pub fn parked(&self) -> Option<&park::Parked> {
+        self.daemon.parked.as_ref()
+    }
+
     /// Where to write files the daemon bind-mounts into RUN containers (default: the
     /// system's temporary directory). It must be a directory the daemon sees at the same
     /// path; when it refuses one, RUNs go on without the shortcut.

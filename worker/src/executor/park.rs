@@ -25,6 +25,9 @@ use serde::{Deserialize, Serialize};
 /// What a parked name points at.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ParkedName {
+    /// The name itself (a tag or an image id).
+    #[serde(default)]
+    pub name: String,
     /// The archive's file name (without `.tar`).
     pub archive: String,
     /// The image id the name resolves to.
@@ -44,6 +47,15 @@ pub struct ParkedLayer {
     pub file: String,
     /// Absolute paths the layer holds whole (directories a RUN added).
     pub whole: Vec<String>,
+}
+
+/// One parked archive, as [`Parked::archives`] lists it.
+#[derive(Debug, Clone)]
+pub struct ParkedArchive {
+    pub archive: String,
+    pub bytes: u64,
+    pub modified: std::time::SystemTime,
+    pub names: Vec<String>,
 }
 
 /// A directory of parked images (see the module docs).
@@ -84,6 +96,7 @@ impl Parked {
             .collect();
         for (name, entry) in names {
             let entry = ParkedName {
+                name: name.clone(),
                 archive: file.clone(),
                 ..entry.clone()
             };
@@ -124,6 +137,27 @@ impl Parked {
             }
         }
         remove_if_there(&self.archive_path(archive))
+    }
+
+    /// Every parked archive: its file name, size, last write and the names pointing at it.
+    pub fn archives(&self) -> io::Result<Vec<ParkedArchive>> {
+        let mut by: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for (_, e) in self.names()? {
+            by.entry(e.archive).or_default().push(e.name);
+        }
+        let mut out = Vec::new();
+        for (archive, names) in by {
+            let Ok(meta) = std::fs::metadata(self.archive_path(&archive)) else {
+                continue;
+            };
+            out.push(ParkedArchive {
+                bytes: meta.len(),
+                modified: meta.modified()?,
+                archive,
+                names,
+            });
+        }
+        Ok(out)
     }
 
     /// The layer tars `files` of parked archive `archive`, by file name (those it holds).
@@ -216,6 +250,7 @@ mod tests {
 
     fn n(id: &str, base: Option<&str>) -> ParkedName {
         ParkedName {
+            name: String::new(),
             archive: String::new(),
             id: id.to_string(),
             base: base.map(str::to_string),
@@ -249,6 +284,13 @@ mod tests {
             b"archive one"
         );
         assert!(p.peek("dbuild-stage:cc").is_none());
+        let listed = p.archives().unwrap();
+        assert_eq!(listed.len(), 2);
+        let one = listed.iter().find(|a| a.archive == e.archive).unwrap();
+        assert_eq!(one.bytes, 11);
+        let mut names = one.names.clone();
+        names.sort();
+        assert_eq!(names, ["dbuild-stage:aa", "sha256:1"]);
 
         p.unpark(&e.archive).unwrap();
         assert!(p.peek("dbuild-stage:aa").is_none() && p.peek("sha256:1").is_none());
