@@ -41,6 +41,16 @@ fn stages(s: &Submitted, event: &str) -> Vec<u64> {
     v
 }
 
+/// The key an event of this kind reported for `stage`.
+fn stage_key(s: &Submitted, event: &str, stage: u64) -> String {
+    s.events
+        .iter()
+        .find(|e| e["event"] == event && e["stage"] == stage)
+        .and_then(|e| e["key"].as_str())
+        .unwrap()
+        .to_string()
+}
+
 fn image_id(s: &Submitted) -> String {
     s.events
         .iter()
@@ -211,13 +221,7 @@ fn farm_cache_reuses_across_builds_restarts_and_concurrent_submits() {
     assert_eq!(stages(&restarted, "stage_cached"), vec![0, 1, 2]);
 
     // A corrupted blob is detected, dropped, and its stage built again; never served.
-    let a_key = restarted
-        .events
-        .iter()
-        .find(|e| e["event"] == "stage_cached" && e["stage"] == 0)
-        .and_then(|e| e["key"].as_str())
-        .unwrap()
-        .to_string();
+    let a_key = stage_key(&restarted, "stage_cached", 0);
     let record = after
         .as_array()
         .unwrap()
@@ -372,13 +376,7 @@ fn embedded_cache_keeps_under_its_cap() {
     };
     let first = submit_local(None);
     assert!(first.ok, "{}", first.stderr);
-    let key = first
-        .events
-        .iter()
-        .find(|e| e["event"] == "stage_finished" && e["stage"] == 0)
-        .and_then(|e| e["key"].as_str())
-        .unwrap()
-        .to_string();
+    let key = stage_key(&first, "stage_finished", 0);
     assert_eq!(entries(), 2);
     // A cap nothing fits under: after the build, every stage is evicted.
     let capped = submit_local(Some("1"));
@@ -429,48 +427,33 @@ fn copy_from_only_stages_are_parked_until_needed() {
     let data = tempfile::tempdir().unwrap();
     let marker = support::unique_tag("park");
     let producer = format!("FROM alpine:latest AS one\nRUN mkdir /d && echo {marker} > /d/one\n");
-    write(
-        ctx.path(),
-        "Dockerfile",
-        &format!("{producer}FROM alpine:latest\nCOPY --from=one /d/one /one\n"),
-    );
-    let first = local_submit(ctx.path(), data.path(), &[], &[]);
-    assert!(first.ok, "{}", first.stderr);
-    let key = first
-        .events
-        .iter()
-        .find(|e| e["event"] == "stage_finished" && e["stage"] == 0)
-        .and_then(|e| e["key"].as_str())
-        .unwrap()
-        .to_string();
+    // Builds the producer and `consumer`, checks that `path` of the result holds the
+    // producer's file, and returns the build.
+    let build = |consumer: &str, path: &str| {
+        write(ctx.path(), "Dockerfile", &format!("{producer}{consumer}"));
+        let s = local_submit(ctx.path(), data.path(), &[], &[]);
+        assert!(s.ok, "{}", s.stderr);
+        assert_eq!(run(&image_id(&s), path).trim(), marker);
+        s
+    };
+    let first = build("FROM alpine:latest\nCOPY --from=one /d/one /one\n", "/one");
+    let key = stage_key(&first, "stage_finished", 0);
     let stage_tag = format!("dbuild-stage:{key}");
     assert!(!on_daemon(&stage_tag), "the producer stays off the daemon");
     assert_eq!(parked(data.path()), 1);
-    assert_eq!(run(&image_id(&first), "/one").trim(), marker);
 
     // The consumer changes: the producer is a hit and its file comes from the archive.
-    write(
-        ctx.path(),
-        "Dockerfile",
-        &format!("{producer}FROM alpine:latest\nCOPY --from=one /d/one /again\n"),
+    let edited = build(
+        "FROM alpine:latest\nCOPY --from=one /d/one /again\n",
+        "/again",
     );
-    let edited = local_submit(ctx.path(), data.path(), &[], &[]);
-    assert!(edited.ok, "{}", edited.stderr);
     assert_eq!(stages(&edited, "stage_cached"), vec![0]);
-    assert_eq!(run(&image_id(&edited), "/again").trim(), marker);
     assert!(!on_daemon(&stage_tag), "read without loading it");
     assert_eq!(parked(data.path()), 1);
 
     // Built FROM: the parked image is loaded (and no longer parked).
-    write(
-        ctx.path(),
-        "Dockerfile",
-        &format!("{producer}FROM one\nRUN cat /d/one > /from\n"),
-    );
-    let from = local_submit(ctx.path(), data.path(), &[], &[]);
-    assert!(from.ok, "{}", from.stderr);
+    let from = build("FROM one\nRUN cat /d/one > /from\n", "/from");
     assert_eq!(stages(&from, "stage_cached"), vec![0]);
-    assert_eq!(run(&image_id(&from), "/from").trim(), marker);
     assert!(on_daemon(&stage_tag));
     assert_eq!(parked(data.path()), 0);
     let _ = Command::new("docker")
