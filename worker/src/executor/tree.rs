@@ -369,15 +369,19 @@ pub fn tree_archive(tree: &SourceTree) -> std::io::Result<Option<Vec<u8>>> {
 }
 
 /// Writes `nodes` (absolute path → node, parents sort before children) as a tar archive
-/// to `out`. Hard link targets are absolute paths here. Context files are read through
-/// `ctx` and must still have the size the manifest recorded.
+/// to `out`. Hard link targets are absolute paths here; the links come after everything
+/// else, since a link must follow its target and path order alone can put it first
+/// (`/x/a.b` sorts before `/x/a/c`). Context files are read through `ctx` and must still
+/// have the size the manifest recorded.
 pub fn write_tar<W: std::io::Write>(
     out: W,
     nodes: &BTreeMap<String, Node>,
     ctx: &dyn ContextFiles,
 ) -> std::io::Result<W> {
     let mut tar = tar::Builder::new(out);
-    for (path, n) in nodes {
+    let is_link = |n: &Node| matches!(n.kind, Kind::Hardlink(_));
+    let others = nodes.iter().filter(|(_, n)| !is_link(n));
+    for (path, n) in others.chain(nodes.iter().filter(|(_, n)| is_link(n))) {
         let name = path.trim_start_matches('/');
         if name.is_empty() {
             continue;
@@ -447,6 +451,35 @@ impl<R: Read> Read for CountingReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hard_link_is_written_after_its_target() {
+        let node = |kind: Kind| Node {
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        };
+        let nodes: BTreeMap<String, Node> = [
+            ("/x".to_string(), node(Kind::Dir)),
+            ("/x/a".to_string(), node(Kind::Dir)),
+            ("/x/a.b".to_string(), node(Kind::Hardlink("/x/a/c".into()))),
+            (
+                "/x/a/c".to_string(),
+                node(Kind::File(Content::Bytes(Arc::new(b"hi".to_vec())))),
+            ),
+        ]
+        .into();
+        let ctx = coordinator::task::LocalContext {
+            root: std::path::PathBuf::from("/nonexistent"),
+        };
+        let tar = write_tar(Vec::new(), &nodes, &ctx).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        tar::Archive::new(tar.as_slice())
+            .unpack(dir.path())
+            .unwrap();
+        assert_eq!(std::fs::read(dir.path().join("x/a.b")).unwrap(), b"hi");
+    }
 
     #[test]
     fn a_tree_archive_is_named_like_the_archive_api_names_a_path() {
