@@ -29,7 +29,10 @@ fn explain_names_the_changed_file_and_build_arg() {
     let id = std::process::id();
     std::fs::write(
         c.join("Dockerfile"),
-        format!("FROM alpine:latest AS builder\nARG VERSION=1\nCOPY app.go /src/\nRUN echo {id}-$VERSION > /src/version\n\nFROM alpine:latest\nCOPY --from=builder /src /app\n"),
+        // `stamp` is read only through COPY --from: its image is parked, not loaded.
+        format!("FROM alpine:latest AS builder\nARG VERSION=1\nCOPY app.go /src/\nRUN echo {id}-$VERSION > /src/version\n\n\
+                 FROM alpine:latest AS stamp\nRUN echo {id} > /stamp\n\n\
+                 FROM alpine:latest\nCOPY --from=builder /src /app\nCOPY --from=stamp /stamp /stamp\n"),
     )
     .unwrap();
     std::fs::write(c.join("app.go"), "package main\n").unwrap();
@@ -57,7 +60,9 @@ fn explain_names_the_changed_file_and_build_arg() {
     assert!(ok, "{err}");
     let (_, out, _) = run(&["explain", ctx_s], data.path());
     assert!(
-        out.contains("#0 builder: hit") && out.contains("#1 stage-1: hit"),
+        out.contains("#0 builder: hit")
+            && out.contains("#1 stamp: hit")
+            && out.contains("#2 stage-2: hit"),
         "{out}"
     );
 

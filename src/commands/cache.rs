@@ -203,7 +203,7 @@ pub(crate) async fn remove_images(
         return Ok(());
     }
     let tags: Vec<String> = report.removed.iter().flat_map(|r| r.tags.clone()).collect();
-    worker::executor::park::Parked::new(&data.join("parked"))
+    worker::executor::park::Parked::new(&data.join(worker::executor::park::DIR))
         .forget(&tags)
         .context("removing the parked images of pruned stages")?;
     let docker = crate::output::connect(host).await?;

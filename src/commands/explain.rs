@@ -72,14 +72,16 @@ async fn embedded(
     args: &ExplainArgs,
     analysis: &coordinator::analysis::Analysis,
 ) -> anyhow::Result<Explanation> {
+    let data = data_dir(args.spec.data_dir.clone());
+    // Stages the embedded build parked count as they do for `submit`.
     let executor: Arc<dyn Executor> = Arc::new(
         worker::DockerExecutor::connect(args.docker_host.as_deref(), "local")
             .await
-            .context("connecting to the Docker daemon (explain pins base images as submit does)")?,
+            .context("connecting to the Docker daemon (explain pins base images as submit does)")?
+            .with_park_dir(&data.join(worker::executor::park::DIR)),
     );
     let (pinned, keys) = super::submit::pin_and_key(&*executor, analysis, false).await?;
-    let index = open_index(&data_dir(args.spec.data_dir.clone()))
-        .context("the build history (<data-dir>/index) is unavailable")?;
+    let index = open_index(&data).context("the build history (<data-dir>/index) is unavailable")?;
     let cache = StageCache::new(Arc::clone(&index) as Arc<dyn Store>, None)
         .context("opening the stage cache")?;
     let lookup = DaemonLookup { executor, cache };

@@ -139,7 +139,7 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
             .await
             .context("connecting to the Docker daemon")?
             .with_scratch_dir(&data.join("tmp"))
-            .with_park_dir(&data.join("parked")),
+            .with_park_dir(&data.join(worker::executor::park::DIR)),
     );
     let executor: Arc<dyn Executor> = Arc::clone(&local) as Arc<dyn Executor>;
     let (pinned, keys) = pin_and_key(&*executor, &analysis, args.pull).await?;

@@ -229,7 +229,7 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
             .await
             .map_err(|e| WorkerError::Docker(e.message))?
             .with_scratch_dir(&cfg.data_dir.join("tmp"))
-            .with_park_dir(&cfg.data_dir.join("parked")),
+            .with_park_dir(&cfg.data_dir.join(crate::executor::park::DIR)),
     );
     let docker = connect_docker(cfg.docker_host.as_deref()).await?;
     let blobs =

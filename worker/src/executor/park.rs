@@ -22,6 +22,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// The directory parked images live in, under a data directory.
+pub const DIR: &str = "parked";
+
 /// What a parked name points at.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ParkedName {
