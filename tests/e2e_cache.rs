@@ -418,45 +418,76 @@ fn on_daemon(reference: &str) -> bool {
 
 /// A stage the build reads only through `COPY --from` is parked in the data dir, not
 /// loaded into the daemon: a later build that edits its consumer reads the copied path
-/// from the parked archive (the image stays off the daemon), and one built FROM it loads
-/// it then.
+/// from the parked archive (the image stays off the daemon); one built FROM it, or one
+/// that outputs it as the target, loads it then.
 #[test]
 fn copy_from_only_stages_are_parked_until_needed() {
     support::base_images();
     let ctx = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
     let marker = support::unique_tag("park");
-    let producer = format!("FROM alpine:latest AS one\nRUN mkdir /d && echo {marker} > /d/one\n");
-    // Builds the producer and `consumer`, checks that `path` of the result holds the
-    // producer's file, and returns the build.
+    let producers = format!(
+        "FROM alpine:latest AS one\nRUN mkdir /d && echo {marker} > /d/one\n\
+         FROM alpine:latest AS two\nRUN echo {marker} > /two\n"
+    );
+    // Builds the producers and `consumer` (which also copies /two), checks that `path`
+    // of the result holds the producer's file, and returns the build.
     let build = |consumer: &str, path: &str| {
-        write(ctx.path(), "Dockerfile", &format!("{producer}{consumer}"));
+        let df = format!("{producers}{consumer}COPY --from=two /two /two\n");
+        write(ctx.path(), "Dockerfile", &df);
         let s = local_submit(ctx.path(), data.path(), &[], &[]);
         assert!(s.ok, "{}", s.stderr);
         assert_eq!(run(&image_id(&s), path).trim(), marker);
         s
     };
     let first = build("FROM alpine:latest\nCOPY --from=one /d/one /one\n", "/one");
-    let key = stage_key(&first, "stage_finished", 0);
-    let stage_tag = format!("dbuild-stage:{key}");
-    assert!(!on_daemon(&stage_tag), "the producer stays off the daemon");
-    assert_eq!(parked(data.path()), 1);
+    let tag_of = |stage| {
+        format!(
+            "dbuild-stage:{}",
+            stage_key(&first, "stage_finished", stage)
+        )
+    };
+    let (one, two) = (tag_of(0), tag_of(1));
+    assert!(
+        !on_daemon(&one) && !on_daemon(&two),
+        "the producers stay off the daemon"
+    );
+    assert_eq!(parked(data.path()), 2);
 
-    // The consumer changes: the producer is a hit and its file comes from the archive.
+    // The consumer changes: the producers are hits and their files come from the archives.
     let edited = build(
         "FROM alpine:latest\nCOPY --from=one /d/one /again\n",
         "/again",
     );
-    assert_eq!(stages(&edited, "stage_cached"), vec![0]);
-    assert!(!on_daemon(&stage_tag), "read without loading it");
+    assert_eq!(stages(&edited, "stage_cached"), vec![0, 1]);
+    assert!(
+        !on_daemon(&one) && !on_daemon(&two),
+        "read without loading them"
+    );
+    assert_eq!(parked(data.path()), 2);
+
+    // Built FROM: that parked image is loaded (and no longer parked).
+    let from = build("FROM one\nRUN cat /d/one > /from\n", "/from");
+    assert_eq!(stages(&from, "stage_cached"), vec![0, 1]);
+    assert!(on_daemon(&one) && !on_daemon(&two));
     assert_eq!(parked(data.path()), 1);
 
-    // Built FROM: the parked image is loaded (and no longer parked).
-    let from = build("FROM one\nRUN cat /d/one > /from\n", "/from");
-    assert_eq!(stages(&from, "stage_cached"), vec![0]);
-    assert!(on_daemon(&stage_tag));
+    // A parked stage as the target, found in the cache: the output loads and tags it.
+    let tag = support::unique_tag("parked-target");
+    let out = Command::new(DBUILD)
+        .arg("submit")
+        .arg(ctx.path())
+        .args(["--target", "two", "-t", &tag, "--progress", "json"])
+        .env("DBUILD_DATA_DIR", data.path())
+        .env_remove("DBUILD_COORDINATOR")
+        .output()
+        .unwrap();
+    let target = Submitted::from_output(out);
+    assert!(target.ok, "{}", target.stderr);
+    assert_eq!(stages(&target, "stage_cached"), vec![1]);
+    assert_eq!(run(&tag, "/two").trim(), marker);
     assert_eq!(parked(data.path()), 0);
     let _ = Command::new("docker")
-        .args(["rmi", "-f", &stage_tag])
+        .args(["rmi", "-f", &tag, &one, &two])
         .output();
 }

@@ -219,6 +219,14 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
         }
     };
     written.map_err(|e| anyhow::anyhow!(e.message))?;
+    // A target found in the cache may be parked (built before as a stage only copied
+    // from): the output needs it on the daemon.
+    if output != crate::output::Output::None {
+        local
+            .settle(&outcome.image_id)
+            .await
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+    }
     if let Some(h) = &history {
         let built = outcome.results.keys().chain(&outcome.cached).copied();
         remember(&**h, &history_id, &plan, &request.keys, built);
