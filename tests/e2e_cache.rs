@@ -491,3 +491,91 @@ fn copy_from_only_stages_are_parked_until_needed() {
         .args(["rmi", "-f", &tag, &one, &two])
         .output();
 }
+
+/// A parked stage rebuilt with `--no-cache` and written to the daemon (a stage is built
+/// FROM it now): its consumer is built on the new image, never on the parked one.
+#[test]
+fn a_rebuilt_stage_replaces_its_parked_image() {
+    support::base_images();
+    let ctx = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let marker = support::unique_tag("reparked");
+    let producer = format!(
+        "FROM alpine:latest AS s\nRUN echo {marker} && cat /proc/sys/kernel/random/uuid > /n\n"
+    );
+    write(
+        ctx.path(),
+        "Dockerfile",
+        &format!("{producer}FROM alpine:latest\nCOPY --from=s /n /n\n"),
+    );
+    let first = local_submit(ctx.path(), data.path(), &[], &[]);
+    assert!(first.ok, "{}", first.stderr);
+    let old = run(&image_id(&first), "/n");
+    let stage_tag = format!("dbuild-stage:{}", stage_key(&first, "stage_finished", 0));
+    assert_eq!(parked(data.path()), 1);
+
+    write(
+        ctx.path(),
+        "Dockerfile",
+        &format!("{producer}FROM s\nRUN cp /n /m\n"),
+    );
+    let rebuilt = local_submit(ctx.path(), data.path(), &["--no-cache"], &[]);
+    assert!(rebuilt.ok, "{}", rebuilt.stderr);
+    let new = run(&stage_tag, "/n");
+    assert_ne!(new, old, "the stage was built again");
+    assert_eq!(run(&image_id(&rebuilt), "/m"), new);
+    assert_eq!(parked(data.path()), 0, "the stale parked image is gone");
+    let _ = Command::new("docker")
+        .args(["rmi", "-f", &stage_tag])
+        .output();
+}
+
+/// A parked image whose base left the daemon is dropped, not loaded: the stage is built
+/// again. Here the base is a step image reused from an earlier build (the first `RUN`),
+/// the parked image adds one more `RUN`, and the step image is then removed.
+#[test]
+fn a_parked_image_without_its_base_is_rebuilt() {
+    support::base_images();
+    let ctx = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let marker = support::unique_tag("baseless");
+    let step = format!("FROM alpine:latest AS s\nRUN echo {marker} > /a\n");
+    let build = |df: String| {
+        write(ctx.path(), "Dockerfile", &df);
+        let s = local_submit(ctx.path(), data.path(), &[], &[]);
+        assert!(s.ok, "{}", s.stderr);
+        s
+    };
+    // The RUN's image stays on the daemon (a stage is built FROM s).
+    let first = build(format!("{step}FROM s\nRUN cat /a\n"));
+    let run_image = format!("dbuild-stage:{}", stage_key(&first, "stage_finished", 0));
+    // s with one more step, only copied from: parked on top of the RUN's image.
+    let parked_df = |dest: &str| {
+        format!("{step}RUN echo {marker} > /b\nFROM alpine:latest\nCOPY --from=s /b {dest}\n")
+    };
+    let second = build(parked_df("/b"));
+    assert_eq!(parked(data.path()), 1);
+    let tags = Command::new("docker")
+        .args([
+            "image",
+            "inspect",
+            "--format",
+            "{{join .RepoTags \" \"}}",
+            &run_image,
+        ])
+        .output()
+        .unwrap();
+    for t in String::from_utf8_lossy(&tags.stdout).split_whitespace() {
+        let _ = Command::new("docker").args(["rmi", t]).output();
+    }
+    assert!(!on_daemon(&run_image));
+
+    let third = build(parked_df("/c"));
+    assert_eq!(
+        stages(&third, "stage_finished"),
+        vec![0, 1],
+        "s is built again"
+    );
+    assert_eq!(run(&image_id(&third), "/c").trim(), marker);
+    let _ = (second, first);
+}

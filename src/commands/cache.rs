@@ -203,9 +203,11 @@ pub(crate) async fn remove_images(
         return Ok(());
     }
     let tags: Vec<String> = report.removed.iter().flat_map(|r| r.tags.clone()).collect();
-    worker::executor::park::Parked::new(&data.join(worker::executor::park::DIR))
-        .forget(&tags)
-        .context("removing the parked images of pruned stages")?;
+    if let Err(e) =
+        worker::executor::park::Parked::new(&data.join(worker::executor::park::DIR)).forget(&tags)
+    {
+        tracing::warn!(error = %e, "could not remove the parked images of pruned stages");
+    }
     let docker = crate::output::connect(host).await?;
     for r in &report.removed {
         for tag in &r.tags {

@@ -444,6 +444,8 @@ impl Daemon {
         for d in a.used {
             new_layers.remove(&d);
         }
+        let tags: Vec<String> = images.iter().flat_map(|(_, t, _)| t.clone()).collect();
+        self.unpark_names(&tags);
         Ok(())
     }
 
@@ -502,7 +504,8 @@ impl Daemon {
             let this = self.clone();
             tokio::spawn(async move { this.send_queued().await });
         }
-        self.track(names, done.clone());
+        self.track(names.clone(), done.clone());
+        self.unpark_names(&names);
         Ok((ids, done))
     }
 
@@ -616,30 +619,74 @@ impl Daemon {
             return Ok(());
         }
         let _one = self.unparking.lock().await;
-        let failed = |e: String| {
-            StageError::new(format!(
-                "writing the cached image {reference} to the Docker daemon failed: {e}"
-            ))
-        };
+        let warn = |e: std::io::Error| tracing::warn!(error = %e, "could not drop a parked image");
         // Looked up again each time: another task or process may have loaded it (the
         // name is gone) or parked it again (it names another archive) meanwhile.
         for _ in 0..3 {
             let Some(entry) = parked.peek(reference) else {
                 return Ok(());
             };
+            // What the daemon holds under the name wins: written there since (a rebuild
+            // under the same key), the parked name is stale.
+            if self.present(reference).await? {
+                parked.forget(&[reference.to_string()]).unwrap_or_else(warn);
+                return Ok(());
+            }
+            // Without its base the archive cannot load: it is dropped, and whoever asked
+            // finds no such image (a rebuild), not an error.
+            if let Some(base) = &entry.base {
+                if !self.present(base).await? {
+                    tracing::warn!(
+                        reference,
+                        base,
+                        "a parked image's base left the daemon: dropped"
+                    );
+                    parked.unpark(&entry.archive).unwrap_or_else(warn);
+                    return Ok(());
+                }
+            }
             match std::fs::read(parked.archive_path(&entry.archive)) {
-                Ok(bytes) => send_load(&self.docker, bytes)
-                    .await
-                    .map_err(|e| failed(e.message))?,
+                Ok(bytes) => {
+                    if let Err(e) = send_load(&self.docker, bytes).await {
+                        parked.unpark(&entry.archive).unwrap_or_else(warn);
+                        return Err(StageError::new(format!(
+                            "writing the cached image {reference} to the Docker daemon failed \
+                             ({}); it is dropped from the cache, so the next build makes it again",
+                            e.message
+                        )));
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(failed(e.to_string())),
+                Err(e) => {
+                    return Err(StageError::new(format!(
+                        "reading the cached image {reference}: {e}"
+                    )))
+                }
             }
-            if let Err(e) = parked.unpark(&entry.archive) {
-                tracing::warn!(error = %e, "could not drop a loaded parked image");
-            }
+            parked.unpark(&entry.archive).unwrap_or_else(warn);
             return Ok(());
         }
-        Err(failed("its parked archive kept changing".into()))
+        Err(StageError::new(format!(
+            "the cached image {reference} kept changing under another build: run again"
+        )))
+    }
+
+    /// Whether the daemon holds `reference` (a tag or an image id).
+    async fn present(&self, reference: &str) -> Result<bool, StageError> {
+        match self.docker.inspect_image(reference).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(derr(format!("inspect image {reference}"), e)),
+        }
+    }
+
+    /// Drops the parked names of images written to the daemon now (see [`Self::unpark`]).
+    fn unpark_names(&self, names: &[String]) {
+        if let Some(parked) = &self.parked {
+            if let Err(e) = parked.forget(names) {
+                tracing::warn!(error = %e, "could not drop parked names");
+            }
+        }
     }
 
     /// The id of `reference` if the daemon holds it or it is parked here (without loading
@@ -655,10 +702,8 @@ impl Daemon {
             return Ok(None);
         };
         if let Some(base) = &entry.base {
-            match self.docker.inspect_image(base).await {
-                Ok(_) => {}
-                Err(e) if is_not_found(&e) => return Ok(None),
-                Err(e) => return Err(derr(format!("inspect image {base}"), e)),
+            if !self.present(base).await? {
+                return Ok(None);
             }
         }
         Ok(Some(entry.id))
@@ -989,7 +1034,9 @@ impl Daemon {
             .build();
         timed("tag", self.docker.tag_image(image, Some(opts)))
             .await
-            .map_err(|e| derr(format!("tag {image} as {tag}"), e))
+            .map_err(|e| derr(format!("tag {image} as {tag}"), e))?;
+        self.unpark_names(&[tag.to_string()]);
+        Ok(())
     }
 }
 

@@ -538,7 +538,11 @@ impl DockerExecutor {
                 .iter()
                 .map(|(s, tags)| (s, tags.clone(), None))
                 .collect();
-            let ids = match self.parkable(&st, &images) {
+            // Parked only if the consumers' paths come from the layers: reading one from
+            // the image would load it now.
+            let covered = from_layers.len() == task.digest_paths.len();
+            let parkable = covered.then(|| self.parkable(&st, &images)).flatten();
+            let ids = match parkable {
                 Some(layers) => {
                     let base = (st.durable.0, st.durable.1.as_deref());
                     self.daemon

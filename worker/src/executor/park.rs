@@ -22,6 +22,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// How old an archive no name points at must be before a sweep removes it.
+const GRACE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// The directory parked images live in, under a data directory.
 pub const DIR: &str = "parked";
 
@@ -89,8 +92,8 @@ impl Parked {
     pub fn put(&self, archive: &[u8], names: &[(String, ParkedName)]) -> io::Result<()> {
         let file = super::sha256::hex(archive);
         write_atomic(&self.archive_path(&file), archive)?;
-        // A name parked again (a stage rebuilt under the same key) leaves its old archive
-        // behind: that goes, with the names only it had.
+        // A name parked again (a stage rebuilt under the same key, or a step two stages
+        // share) leaves its old archive behind: that goes once no tag names it.
         let replaced: std::collections::BTreeSet<String> = names
             .iter()
             .filter_map(|(n, _)| self.peek(n))
@@ -106,28 +109,53 @@ impl Parked {
             let json = serde_json::to_vec(&entry).expect("a parked name serializes");
             write_atomic(&self.name_path(name), &json)?;
         }
-        for old in replaced {
-            self.unpark(&old)?;
-        }
-        Ok(())
+        self.drop_untagged(&replaced)
     }
 
-    /// What `name` (a tag or an image id) points at, if it is parked.
+    /// What `name` (a tag or an image id) points at, if it is parked. A name whose
+    /// archive is gone is dropped.
     pub fn peek(&self, name: &str) -> Option<ParkedName> {
-        let bytes = std::fs::read(self.name_path(name)).ok()?;
-        serde_json::from_slice(&bytes).ok()
+        let path = self.name_path(name);
+        let bytes = std::fs::read(&path).ok()?;
+        let entry: ParkedName = serde_json::from_slice(&bytes).ok()?;
+        if !self.archive_path(&entry.archive).exists() {
+            let _ = remove_if_there(&path);
+            return None;
+        }
+        Some(entry)
     }
 
-    /// Drops the archives `names` point at, with every name of theirs (a pruned stage
-    /// goes with its steps' images, which its archive holds too).
+    /// Drops `names` (tags or ids: pruned, or written to the daemon since), and each
+    /// archive they pointed at that no tag names any more, with its other names. An
+    /// archive another stage's tag still names stays.
     pub fn forget(&self, names: &[String]) -> io::Result<()> {
         let archives: std::collections::BTreeSet<String> = names
             .iter()
             .filter_map(|n| self.peek(n))
             .map(|e| e.archive)
             .collect();
-        for a in archives {
-            self.unpark(&a)?;
+        if archives.is_empty() {
+            return Ok(());
+        }
+        for n in names {
+            remove_if_there(&self.name_path(n))?;
+        }
+        self.drop_untagged(&archives)
+    }
+
+    /// Drops those of `archives` that no tag names (their image-id names go with them).
+    fn drop_untagged(&self, archives: &std::collections::BTreeSet<String>) -> io::Result<()> {
+        if archives.is_empty() {
+            return Ok(());
+        }
+        let tagged: std::collections::HashSet<String> = self
+            .names()?
+            .into_iter()
+            .filter(|(_, e)| !e.name.starts_with("sha256:"))
+            .map(|(_, e)| e.archive)
+            .collect();
+        for a in archives.iter().filter(|a| !tagged.contains(*a)) {
+            self.unpark(a)?;
         }
         self.sweep()
     }
@@ -206,7 +234,8 @@ impl Parked {
         Ok(out)
     }
 
-    /// Removes the archives no name points at.
+    /// Removes the archives no name points at, once older than [`GRACE`] (another
+    /// process writes an archive before its names).
     fn sweep(&self) -> io::Result<()> {
         let used: std::collections::HashSet<String> =
             self.names()?.into_iter().map(|(_, e)| e.archive).collect();
@@ -220,7 +249,11 @@ impl Parked {
             let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
                 continue;
             };
-            if path.extension().is_some_and(|x| x == "tar") && !used.contains(stem) {
+            let old = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .map(|t| t.elapsed().unwrap_or_default() > GRACE)
+                .unwrap_or(false);
+            if path.extension().is_some_and(|x| x == "tar") && !used.contains(stem) && old {
                 remove_if_there(&path)?;
             }
         }
@@ -325,5 +358,41 @@ mod tests {
             "the archive's other names go too"
         );
         assert!(!p.archive_path(&two.archive).exists());
+    }
+
+    #[test]
+    fn a_step_two_stages_share_keeps_both_archives() {
+        let d = tempfile::tempdir().unwrap();
+        let p = Parked::new(d.path());
+        let names = |stage: &str, id: &str| {
+            [
+                format!("dbuild-stage:{stage}"),
+                "dbuild-cache:k1".into(),
+                id.into(),
+            ]
+            .map(|name| (name, n(id, None)))
+        };
+        p.put(b"stage a", &names("a", "sha256:a")).unwrap();
+        p.put(b"stage b", &names("b", "sha256:b")).unwrap();
+        let a = p
+            .peek("dbuild-stage:a")
+            .expect("a's archive stays: its tag names it");
+        assert!(p.peek("sha256:a").is_some());
+        assert_eq!(p.peek("dbuild-cache:k1").unwrap().id, "sha256:b");
+
+        // b pruned (its tags): a stays.
+        p.forget(&["dbuild-stage:b".into(), "dbuild-cache:k1".into()])
+            .unwrap();
+        assert!(p.peek("dbuild-stage:b").is_none() && p.peek("sha256:b").is_none());
+        assert!(p.peek("dbuild-stage:a").is_some());
+
+        // An archive gone under a name (another process's sweep): the name goes too.
+        std::fs::remove_file(p.archive_path(&a.archive)).unwrap();
+        assert!(p.peek("dbuild-stage:a").is_none());
+        assert!(p
+            .names()
+            .unwrap()
+            .iter()
+            .all(|(_, e)| e.name != "dbuild-stage:a"));
     }
 }
