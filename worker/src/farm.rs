@@ -305,7 +305,7 @@ async fn session(
             name: cfg.name.clone(),
             address: cfg.address.clone(),
             slots: cfg.slots as u32,
-            held_stage_keys: held_stage_keys(&sh.docker).await,
+            held_stage_keys: held_stage_keys(&sh.docker, sh.executor.parked()).await,
         })
         .await?
         .into_inner();
@@ -500,20 +500,30 @@ pub async fn connect_docker(host: Option<&str>) -> Result<Docker, WorkerError> {
         .map_err(|e| WorkerError::Docker(e.to_string()))
 }
 
-/// Stage keys whose images this daemon holds (tagged `dbuild-stage:<key>`).
-async fn held_stage_keys(docker: &Docker) -> Vec<String> {
+/// Stage keys whose images this daemon holds (tagged `dbuild-stage:<key>`) or this
+/// worker parked beside it.
+async fn held_stage_keys(
+    docker: &Docker,
+    parked: Option<&crate::executor::park::Parked>,
+) -> Vec<String> {
     let opts = ListImagesOptionsBuilder::default()
         .filters(&std::collections::HashMap::from([(
             "reference",
             vec!["dbuild-stage"],
         )]))
         .build();
+    let parked_names = parked
+        .and_then(|p| p.archives().ok())
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|a| a.names);
     docker
         .list_images(Some(opts))
         .await
         .unwrap_or_default()
         .into_iter()
         .flat_map(|i| i.repo_tags)
+        .chain(parked_names)
         .filter_map(|t| t.strip_prefix("dbuild-stage:").map(str::to_string))
         .collect()
 }
