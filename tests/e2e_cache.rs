@@ -77,11 +77,18 @@ fn cache_json(url: &str, what: &[&str]) -> Value {
 
 /// An embedded `dbuild submit` of `ctx` on the data dir `data` (output none, JSON events).
 fn local_submit(ctx: &Path, data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Submitted {
+    let mut args = vec!["--output", "type=none"];
+    args.extend_from_slice(extra);
+    embedded_submit(ctx, data, &args, env)
+}
+
+/// An embedded `dbuild submit` of `ctx` on the data dir `data` with `args` (JSON events).
+fn embedded_submit(ctx: &Path, data: &Path, args: &[&str], env: &[(&str, &str)]) -> Submitted {
     let out = Command::new(DBUILD)
         .arg("submit")
         .arg(ctx)
-        .args(["--progress", "json", "--output", "type=none"])
-        .args(extra)
+        .args(["--progress", "json"])
+        .args(args)
         .env("DBUILD_DATA_DIR", data)
         .env_remove("DBUILD_COORDINATOR")
         .envs(env.iter().copied())
@@ -400,11 +407,45 @@ fn embedded_cache_keeps_under_its_cap() {
     assert_eq!(stages(&again, "stage_finished"), vec![0, 1]);
 }
 
-/// How many image archives are parked in the embedded data dir `data`.
+/// A context and a data dir for embedded builds of Dockerfiles written in turn.
+struct Embedded {
+    ctx: tempfile::TempDir,
+    data: tempfile::TempDir,
+}
+
+impl Embedded {
+    fn new() -> Self {
+        support::base_images();
+        Embedded {
+            ctx: tempfile::tempdir().unwrap(),
+            data: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// Writes `dockerfile` and builds it (output none, then `extra`); it must succeed.
+    fn build(&self, dockerfile: &str, extra: &[&str]) -> Submitted {
+        write(self.ctx.path(), "Dockerfile", dockerfile);
+        let s = local_submit(self.ctx.path(), self.data.path(), extra, &[]);
+        assert!(s.ok, "{}", s.stderr);
+        s
+    }
+
+    fn parked(&self) -> usize {
+        parked(self.data.path())
+    }
+}
+
+/// How many image archives are parked in the embedded data dir `data` (blobs, in
+/// directories named by their digests' first two hex digits).
 fn parked(data: &Path) -> usize {
-    std::fs::read_dir(data.join("parked/archives"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    let shards = std::fs::read_dir(data.join("parked/archives"))
+        .into_iter()
+        .flatten();
+    shards
+        .flatten()
+        .filter(|s| s.file_name().len() == 2)
+        .flat_map(|s| std::fs::read_dir(s.path()).into_iter().flatten())
+        .count()
 }
 
 fn on_daemon(reference: &str) -> bool {
@@ -422,9 +463,7 @@ fn on_daemon(reference: &str) -> bool {
 /// that outputs it as the target, loads it then.
 #[test]
 fn copy_from_only_stages_are_parked_until_needed() {
-    support::base_images();
-    let ctx = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
+    let e = Embedded::new();
     let marker = support::unique_tag("park");
     let producers = format!(
         "FROM alpine:latest AS one\nRUN mkdir /d && echo {marker} > /d/one\n\
@@ -433,10 +472,10 @@ fn copy_from_only_stages_are_parked_until_needed() {
     // Builds the producers and `consumer` (which also copies /two), checks that `path`
     // of the result holds the producer's file, and returns the build.
     let build = |consumer: &str, path: &str| {
-        let df = format!("{producers}{consumer}COPY --from=two /two /two\n");
-        write(ctx.path(), "Dockerfile", &df);
-        let s = local_submit(ctx.path(), data.path(), &[], &[]);
-        assert!(s.ok, "{}", s.stderr);
+        let s = e.build(
+            &format!("{producers}{consumer}COPY --from=two /two /two\n"),
+            &[],
+        );
         assert_eq!(run(&image_id(&s), path).trim(), marker);
         s
     };
@@ -452,7 +491,7 @@ fn copy_from_only_stages_are_parked_until_needed() {
         !on_daemon(&one) && !on_daemon(&two),
         "the producers stay off the daemon"
     );
-    assert_eq!(parked(data.path()), 2);
+    assert_eq!(e.parked(), 2);
 
     // The consumer changes: the producers are hits and their files come from the archives.
     let edited = build(
@@ -464,29 +503,22 @@ fn copy_from_only_stages_are_parked_until_needed() {
         !on_daemon(&one) && !on_daemon(&two),
         "read without loading them"
     );
-    assert_eq!(parked(data.path()), 2);
+    assert_eq!(e.parked(), 2);
 
     // Built FROM: that parked image is loaded (and no longer parked).
     let from = build("FROM one\nRUN cat /d/one > /from\n", "/from");
     assert_eq!(stages(&from, "stage_cached"), vec![0, 1]);
     assert!(on_daemon(&one) && !on_daemon(&two));
-    assert_eq!(parked(data.path()), 1);
+    assert_eq!(e.parked(), 1);
 
     // A parked stage as the target, found in the cache: the output loads and tags it.
     let tag = support::unique_tag("parked-target");
-    let out = Command::new(DBUILD)
-        .arg("submit")
-        .arg(ctx.path())
-        .args(["--target", "two", "-t", &tag, "--progress", "json"])
-        .env("DBUILD_DATA_DIR", data.path())
-        .env_remove("DBUILD_COORDINATOR")
-        .output()
-        .unwrap();
-    let target = Submitted::from_output(out);
+    let args = ["--target", "two", "-t", &tag];
+    let target = embedded_submit(e.ctx.path(), e.data.path(), &args, &[]);
     assert!(target.ok, "{}", target.stderr);
     assert_eq!(stages(&target, "stage_cached"), vec![1]);
     assert_eq!(run(&tag, "/two").trim(), marker);
-    assert_eq!(parked(data.path()), 0);
+    assert_eq!(e.parked(), 0);
     let _ = Command::new("docker")
         .args(["rmi", "-f", &tag, &one, &two])
         .output();
@@ -496,35 +528,27 @@ fn copy_from_only_stages_are_parked_until_needed() {
 /// FROM it now): its consumer is built on the new image, never on the parked one.
 #[test]
 fn a_rebuilt_stage_replaces_its_parked_image() {
-    support::base_images();
-    let ctx = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
+    let e = Embedded::new();
     let marker = support::unique_tag("reparked");
     let producer = format!(
         "FROM alpine:latest AS s\nRUN echo {marker} && cat /proc/sys/kernel/random/uuid > /n\n"
     );
-    write(
-        ctx.path(),
-        "Dockerfile",
+    let first = e.build(
         &format!("{producer}FROM alpine:latest\nCOPY --from=s /n /n\n"),
+        &[],
     );
-    let first = local_submit(ctx.path(), data.path(), &[], &[]);
-    assert!(first.ok, "{}", first.stderr);
     let old = run(&image_id(&first), "/n");
     let stage_tag = format!("dbuild-stage:{}", stage_key(&first, "stage_finished", 0));
-    assert_eq!(parked(data.path()), 1);
+    assert_eq!(e.parked(), 1);
 
-    write(
-        ctx.path(),
-        "Dockerfile",
+    let rebuilt = e.build(
         &format!("{producer}FROM s\nRUN cp /n /m\n"),
+        &["--no-cache"],
     );
-    let rebuilt = local_submit(ctx.path(), data.path(), &["--no-cache"], &[]);
-    assert!(rebuilt.ok, "{}", rebuilt.stderr);
     let new = run(&stage_tag, "/n");
     assert_ne!(new, old, "the stage was built again");
     assert_eq!(run(&image_id(&rebuilt), "/m"), new);
-    assert_eq!(parked(data.path()), 0, "the stale parked image is gone");
+    assert_eq!(e.parked(), 0, "the stale parked image is gone");
     let _ = Command::new("docker")
         .args(["rmi", "-f", &stage_tag])
         .output();
@@ -535,17 +559,10 @@ fn a_rebuilt_stage_replaces_its_parked_image() {
 /// the parked image adds one more `RUN`, and the step image is then removed.
 #[test]
 fn a_parked_image_without_its_base_is_rebuilt() {
-    support::base_images();
-    let ctx = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
+    let e = Embedded::new();
     let marker = support::unique_tag("baseless");
     let step = format!("FROM alpine:latest AS s\nRUN echo {marker} > /a\n");
-    let build = |df: String| {
-        write(ctx.path(), "Dockerfile", &df);
-        let s = local_submit(ctx.path(), data.path(), &[], &[]);
-        assert!(s.ok, "{}", s.stderr);
-        s
-    };
+    let build = |df: String| e.build(&df, &[]);
     // The RUN's image stays on the daemon (a stage is built FROM s).
     let first = build(format!("{step}FROM s\nRUN cat /a\n"));
     let run_image = format!("dbuild-stage:{}", stage_key(&first, "stage_finished", 0));
@@ -554,7 +571,7 @@ fn a_parked_image_without_its_base_is_rebuilt() {
         format!("{step}RUN echo {marker} > /b\nFROM alpine:latest\nCOPY --from=s /b {dest}\n")
     };
     let second = build(parked_df("/b"));
-    assert_eq!(parked(data.path()), 1);
+    assert_eq!(e.parked(), 1);
     let tags = Command::new("docker")
         .args([
             "image",

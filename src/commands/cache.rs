@@ -203,9 +203,8 @@ pub(crate) async fn remove_images(
         return Ok(());
     }
     let tags: Vec<String> = report.removed.iter().flat_map(|r| r.tags.clone()).collect();
-    if let Err(e) =
-        worker::executor::park::Parked::new(&data.join(worker::executor::park::DIR)).forget(&tags)
-    {
+    let parked = data.join(worker::executor::park::DIR);
+    if let Err(e) = worker::executor::park::Parked::open(&parked).and_then(|p| p.forget(&tags)) {
         tracing::warn!(error = %e, "could not remove the parked images of pruned stages");
     }
     let docker = crate::output::connect(host).await?;

@@ -111,7 +111,7 @@ async fn least_recently_used_images_go_first_until_they_fit() {
 async fn parked_images_count_and_go_least_recently_used_first() {
     use worker::executor::park::{Parked, ParkedName};
     let dir = tempfile::tempdir().unwrap();
-    let parked = Parked::new(dir.path());
+    let parked = Parked::open(dir.path()).unwrap();
     let name = |n: &str| ParkedName {
         name: String::new(),
         archive: String::new(),

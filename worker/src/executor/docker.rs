@@ -645,7 +645,11 @@ impl Daemon {
                     return Ok(());
                 }
             }
-            match std::fs::read(parked.archive_path(&entry.archive)) {
+            let (p, archive) = (parked.clone(), entry.archive.clone());
+            let read = tokio::task::spawn_blocking(move || p.read(&archive))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            match read {
                 Ok(bytes) => {
                     if let Err(e) = send_load(&self.docker, bytes).await {
                         parked.unpark(&entry.archive).unwrap_or_else(warn);
@@ -673,9 +677,15 @@ impl Daemon {
 
     /// Whether the daemon holds `reference` (a tag or an image id).
     async fn present(&self, reference: &str) -> Result<bool, StageError> {
-        match self.docker.inspect_image(reference).await {
-            Ok(_) => Ok(true),
-            Err(e) if is_not_found(&e) => Ok(false),
+        Ok(self.daemon_id(reference).await?.is_some())
+    }
+
+    /// The id of the image the daemon holds under `reference`, if any (nothing waited
+    /// for, nothing loaded).
+    async fn daemon_id(&self, reference: &str) -> Result<Option<String>, StageError> {
+        match timed("inspect_image", self.docker.inspect_image(reference)).await {
+            Ok(i) => Ok(i.id),
+            Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(derr(format!("inspect image {reference}"), e)),
         }
     }
@@ -693,10 +703,8 @@ impl Daemon {
     /// it). A parked image whose base image left the daemon counts as gone.
     pub async fn peek_id(&self, reference: &str) -> Result<Option<String>, StageError> {
         self.settle_pending(reference).await?;
-        match timed("inspect_image", self.docker.inspect_image(reference)).await {
-            Ok(i) => return Ok(i.id),
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(derr(format!("inspect image {reference}"), e)),
+        if let Some(id) = self.daemon_id(reference).await? {
+            return Ok(Some(id));
         }
         let Some(entry) = self.parked.as_ref().and_then(|p| p.peek(reference)) else {
             return Ok(None);
@@ -817,14 +825,7 @@ impl Daemon {
         append_bytes(&mut tar, layers.last().expect("one layer at least"), &layer).map_err(fail)?;
         let manifest = json!([{ "Config": "config.json", "RepoTags": [tag], "Layers": layers }]);
         append_bytes(&mut tar, "manifest.json", manifest.to_string().as_bytes()).map_err(fail)?;
-        let bytes = tar.into_inner().map_err(fail)?;
-        let opts = ImportImageOptionsBuilder::default().quiet(true).build();
-        let mut stream = self
-            .docker
-            .import_image(opts, bollard::body_full(bytes.into()), None);
-        while let Some(item) = stream.next().await {
-            item.map_err(|e| derr("docker load of a layer", e))?;
-        }
+        send_load(&self.docker, tar.into_inner().map_err(fail)?).await?;
         Ok(ImageState {
             layers: next.layers,
             ..state.clone()
@@ -1074,7 +1075,7 @@ async fn send_load(docker: &Docker, bytes: Vec<u8>) -> Result<(), StageError> {
     let mut stream = docker.import_image(opts, bollard::body_full(bytes.into()), None);
     timed("load", async {
         while let Some(item) = stream.next().await {
-            item.map_err(|e| derr("docker load of an image config", e))?;
+            item.map_err(|e| derr("docker load", e))?;
         }
         Ok::<(), StageError>(())
     })

@@ -95,9 +95,13 @@ impl DockerExecutor {
     }
 
     /// Parks the images of stages the build reads only through `COPY --from` under `dir`
-    /// instead of loading them (see `park.rs`).
+    /// instead of loading them (see `park.rs`); a directory that cannot be made turns
+    /// parking off.
     pub fn with_park_dir(mut self, dir: &std::path::Path) -> Self {
-        self.daemon.parked = Some(park::Parked::new(dir));
+        match park::Parked::open(dir) {
+            Ok(p) => self.daemon.parked = Some(p),
+            Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "not parking stage images"),
+        }
         self
     }
 
@@ -254,11 +258,23 @@ fn parse_triggers(triggers: &[String], escape: char) -> Result<Vec<Instruction>,
     Ok(out)
 }
 
-/// The state of a stage being built.
+/// Where a stage starts ([`DockerExecutor::base_state`]).
+struct Base {
+    state: ImageState,
+    /// An image with exactly `state` (the base's config is used as it is).
+    id: Option<String>,
+    /// The base image's ONBUILD triggers, to run first.
+    triggers: Vec<String>,
+    size: u64,
+    /// The base image (none for scratch): it holds `state`'s layers.
+    image: Option<String>,
+}
+
 /// The most layer bytes a stage parks (written to disk before the stage reports; more
 /// goes to the daemon in the background).
 const PARK_MAX: usize = 64 << 20;
 
+/// The state of a stage being built.
 pub(crate) struct StageRun<'a> {
     pub task: &'a StageTask,
     pub inputs: &'a BuildInputs,
@@ -298,16 +314,19 @@ pub(crate) struct StageRun<'a> {
 }
 
 impl DockerExecutor {
-    async fn base_state(
-        &self,
-        task: &StageTask,
-    ) -> Result<(ImageState, Option<String>, Vec<String>, u64, Option<String>), StageError> {
+    async fn base_state(&self, task: &StageTask) -> Result<Base, StageError> {
         match &task.base {
             TaskBase::Scratch => {
                 let mut s = ImageState::empty(&task.platform);
                 s.config.env = vec![format!("PATH={DEFAULT_PATH}")];
                 s.config.working_dir = "/".into();
-                Ok((s, None, Vec::new(), 0, None))
+                Ok(Base {
+                    state: s,
+                    id: None,
+                    triggers: Vec::new(),
+                    size: 0,
+                    image: None,
+                })
             }
             TaskBase::Image { reference, id } => {
                 let (id, mut s, size) = self.daemon.inspect_sized(id).await?.ok_or_else(|| {
@@ -323,13 +342,13 @@ impl DockerExecutor {
                 }
                 let triggers = std::mem::take(&mut s.config.on_build);
                 changed |= !triggers.is_empty();
-                Ok((
-                    s,
-                    (!changed).then_some(id.clone()),
+                Ok(Base {
+                    state: s,
+                    id: (!changed).then_some(id.clone()),
                     triggers,
                     size,
-                    Some(id),
-                ))
+                    image: Some(id),
+                })
             }
             TaskBase::Stage { index, key } => {
                 let tag = stage_image_tag(key);
@@ -342,7 +361,13 @@ impl DockerExecutor {
                 // The plan already put the parent stage's triggers into this stage.
                 let had = !s.config.on_build.is_empty();
                 s.config.on_build.clear();
-                Ok((s, (!had).then_some(id.clone()), Vec::new(), size, Some(id)))
+                Ok(Base {
+                    state: s,
+                    id: (!had).then_some(id.clone()),
+                    triggers: Vec::new(),
+                    size,
+                    image: Some(id),
+                })
             }
         }
     }
@@ -418,8 +443,14 @@ impl DockerExecutor {
         res: &Resources,
     ) -> Result<StageResult, StageError> {
         let started = Instant::now();
-        let (state, id, triggers, size, base_id) = self.base_state(task).await?;
-        let durable = (state.layers.len(), base_id);
+        let Base {
+            state,
+            id,
+            triggers,
+            size,
+            image,
+        } = self.base_state(task).await?;
+        let durable = (state.layers.len(), image);
         let mut triggers = parse_triggers(&triggers, task.escape)?;
         let mut vars = StageVars::from_config(&state.config);
         // A stage built FROM a stage keeps the ARG values in scope at that stage's end (as
@@ -538,11 +569,7 @@ impl DockerExecutor {
                 .iter()
                 .map(|(s, tags)| (s, tags.clone(), None))
                 .collect();
-            // Parked only if the consumers' paths come from the layers: reading one from
-            // the image would load it now.
-            let covered = from_layers.len() == task.digest_paths.len();
-            let parkable = covered.then(|| self.parkable(&st, &images)).flatten();
-            let ids = match parkable {
+            let ids = match self.parkable(&st, &images, from_layers.len()) {
                 Some(layers) => {
                     let base = (st.durable.0, st.durable.1.as_deref());
                     self.daemon
@@ -635,16 +662,19 @@ impl DockerExecutor {
     }
 
     /// The layers a parked archive of `images` must hold, if the stage is parked: the
-    /// build needs its images only through the paths it copies (`task.park`), and every
-    /// layer of theirs above the durable base is one the daemon has not seen (a stage
-    /// that loaded some already, for a RUN container, has paid for registering them: its
-    /// images go to the daemon as before), [`PARK_MAX`] bytes in all at most.
+    /// build needs its images only through the paths it copies (`task.park`), its own
+    /// layers settle every one of those (`settled` of them did: reading one from the
+    /// image would load it at once), and every layer above the durable base is one the
+    /// daemon has not seen (a stage that loaded some already, for a RUN container, has
+    /// paid for registering them: its images go to the daemon as before), [`PARK_MAX`]
+    /// bytes in all at most.
     fn parkable(
         &self,
         st: &StageRun<'_>,
         images: &[(&ImageState, Vec<String>, Option<&str>)],
+        settled: usize,
     ) -> Option<docker::NewLayers> {
-        if !st.task.park || self.daemon.parked.is_none() {
+        if !st.task.park || self.daemon.parked.is_none() || settled < st.task.digest_paths.len() {
             return None;
         }
         let (durable, _) = &st.durable;

@@ -12,14 +12,18 @@
 //! daemon (a container of it, a tag, an export, a later `FROM`) loads the archive
 //! ([`super::docker::Daemon::settle`]).
 //!
-//! Layout under the directory: `archives/<name>.tar` (a `docker load` archive holding the
-//! layers the daemon may lack), and `names/<sha256 of a tag or image id>.json` pointing at
-//! its archive. The archive's other layers belong to the image named `base`, which must
-//! still be on the daemon for the parked image to count. Files are written to a
-//! temporary name and renamed, so a reader in another process sees all or nothing.
+//! Layout under the directory: `archives/`, a [`BlobStore`] of `docker load` archives
+//! (each holding the layers the daemon may lack; named by blake3, verified when read),
+//! and `names/<sha256 of a tag or image id>.json` pointing at its archive. The archive's
+//! other layers belong to the image named `base`, which must still be on the daemon for
+//! the parked image to count. Every file is written to a temporary name and renamed, so a
+//! reader in another process sees all or nothing.
+use std::collections::BTreeSet;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use coordinator::digest::BlobDigest;
+use coordinator::store::{BlobStore, StoreError};
 use serde::{Deserialize, Serialize};
 
 /// How old an archive no name points at must be before a sweep removes it.
@@ -34,7 +38,7 @@ pub struct ParkedName {
     /// The name itself (a tag or an image id).
     #[serde(default)]
     pub name: String,
-    /// The archive's file name (without `.tar`).
+    /// The archive's blob digest (hex).
     pub archive: String,
     /// The image id the name resolves to.
     pub id: String,
@@ -68,13 +72,26 @@ pub struct ParkedArchive {
 #[derive(Debug, Clone)]
 pub struct Parked {
     dir: PathBuf,
+    /// The archives, as blobs: named by their blake3 digest, verified when read.
+    archives: BlobStore,
+}
+
+fn store_err(e: StoreError) -> io::Error {
+    io::Error::other(e)
+}
+
+/// An archive's blob digest, from the name a [`ParkedName`] records.
+fn digest(archive: &str) -> io::Result<BlobDigest> {
+    BlobDigest::from_hex(archive)
+        .ok_or_else(|| io::Error::other(format!("not a parked archive's name: {archive}")))
 }
 
 impl Parked {
-    pub fn new(dir: &Path) -> Self {
-        Parked {
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        Ok(Parked {
             dir: dir.to_path_buf(),
-        }
+            archives: BlobStore::open(&dir.join("archives")).map_err(store_err)?,
+        })
     }
 
     fn name_path(&self, name: &str) -> PathBuf {
@@ -83,18 +100,13 @@ impl Parked {
             .join(format!("{}.json", super::sha256::hex(name.as_bytes())))
     }
 
-    pub fn archive_path(&self, archive: &str) -> PathBuf {
-        self.dir.join("archives").join(format!("{archive}.tar"))
-    }
-
     /// Parks `archive` (a `docker load` archive) under every name given (its `archive`
     /// field is filled in here).
     pub fn put(&self, archive: &[u8], names: &[(String, ParkedName)]) -> io::Result<()> {
-        let file = super::sha256::hex(archive);
-        write_atomic(&self.archive_path(&file), archive)?;
+        let file = self.archives.put(archive).map_err(store_err)?.to_hex();
         // A name parked again (a stage rebuilt under the same key, or a step two stages
         // share) leaves its old archive behind: that goes once no tag names it.
-        let replaced: std::collections::BTreeSet<String> = names
+        let replaced: BTreeSet<String> = names
             .iter()
             .filter_map(|(n, _)| self.peek(n))
             .map(|e| e.archive)
@@ -118,18 +130,23 @@ impl Parked {
         let path = self.name_path(name);
         let bytes = std::fs::read(&path).ok()?;
         let entry: ParkedName = serde_json::from_slice(&bytes).ok()?;
-        if !self.archive_path(&entry.archive).exists() {
+        if !digest(&entry.archive).is_ok_and(|d| self.archives.contains(&d)) {
             let _ = remove_if_there(&path);
             return None;
         }
         Some(entry)
     }
 
+    /// The bytes of `archive`, verified (a corrupt one is deleted and is an error).
+    pub fn read(&self, archive: &str) -> io::Result<Vec<u8>> {
+        self.archives.read(&digest(archive)?).map_err(store_err)
+    }
+
     /// Drops `names` (tags or ids: pruned, or written to the daemon since), and each
     /// archive they pointed at that no tag names any more, with its other names. An
     /// archive another stage's tag still names stays.
     pub fn forget(&self, names: &[String]) -> io::Result<()> {
-        let archives: std::collections::BTreeSet<String> = names
+        let archives: BTreeSet<String> = names
             .iter()
             .filter_map(|n| self.peek(n))
             .map(|e| e.archive)
@@ -144,7 +161,7 @@ impl Parked {
     }
 
     /// Drops those of `archives` that no tag names (their image-id names go with them).
-    fn drop_untagged(&self, archives: &std::collections::BTreeSet<String>) -> io::Result<()> {
+    fn drop_untagged(&self, archives: &BTreeSet<String>) -> io::Result<()> {
         if archives.is_empty() {
             return Ok(());
         }
@@ -167,10 +184,11 @@ impl Parked {
                 remove_if_there(&path)?;
             }
         }
-        remove_if_there(&self.archive_path(archive))
+        self.archives.remove(&digest(archive)?).map_err(store_err)?;
+        Ok(())
     }
 
-    /// Every parked archive: its file name, size, last write and the names pointing at it.
+    /// Every parked archive: its name, size, last use and the names pointing at it.
     pub fn archives(&self) -> io::Result<Vec<ParkedArchive>> {
         let mut by: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         for (_, e) in self.names()? {
@@ -178,7 +196,7 @@ impl Parked {
         }
         let mut out = Vec::new();
         for (archive, names) in by {
-            let Ok(meta) = std::fs::metadata(self.archive_path(&archive)) else {
+            let Some(meta) = self.archives.metadata(&digest(&archive)?) else {
                 continue;
             };
             out.push(ParkedArchive {
@@ -192,14 +210,16 @@ impl Parked {
     }
 
     /// The layer tars `files` of parked archive `archive`, by file name (those it holds).
+    /// Reading counts as a use of the archive (the image cap's order).
     pub fn layer_files(
         &self,
         archive: &str,
         files: &[&str],
     ) -> io::Result<std::collections::HashMap<String, Vec<u8>>> {
+        let bytes = self.read(archive)?;
+        self.archives.touch(&digest(archive)?);
         let mut out = std::collections::HashMap::new();
-        let f = std::fs::File::open(self.archive_path(archive))?;
-        let mut ar = tar::Archive::new(io::BufReader::new(f));
+        let mut ar = tar::Archive::new(bytes.as_slice());
         for e in ar.entries()? {
             let mut e = e?;
             let name = e.path()?.to_string_lossy().to_string();
@@ -239,22 +259,14 @@ impl Parked {
     fn sweep(&self) -> io::Result<()> {
         let used: std::collections::HashSet<String> =
             self.names()?.into_iter().map(|(_, e)| e.archive).collect();
-        let rd = match std::fs::read_dir(self.dir.join("archives")) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        for e in rd {
-            let path = e?.path();
-            let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
-                continue;
-            };
-            let old = std::fs::metadata(&path)
-                .and_then(|m| m.modified())
-                .map(|t| t.elapsed().unwrap_or_default() > GRACE)
-                .unwrap_or(false);
-            if path.extension().is_some_and(|x| x == "tar") && !used.contains(stem) && old {
-                remove_if_there(&path)?;
+        for (d, _) in self.archives.list().map_err(store_err)? {
+            let old = self
+                .archives
+                .metadata(&d)
+                .and_then(|m| m.modified().ok())
+                .is_some_and(|t| t.elapsed().unwrap_or_default() > GRACE);
+            if old && !used.contains(&d.to_hex()) {
+                self.archives.remove(&d).map_err(store_err)?;
             }
         }
         Ok(())
@@ -269,7 +281,8 @@ fn remove_if_there(path: &Path) -> io::Result<()> {
 }
 
 /// Writes `data` to `path` through a temporary file in the same directory (flushed to
-/// disk, then renamed), creating the directory if needed.
+/// disk, then renamed), creating the directory if needed: a name file, which another
+/// process reads whole or not at all.
 fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let dir = path.parent().expect("a parked file has a directory");
     std::fs::create_dir_all(dir)?;
@@ -284,6 +297,12 @@ fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    impl Parked {
+        fn holds(&self, archive: &str) -> bool {
+            self.archives.contains(&digest(archive).unwrap())
+        }
+    }
+
     fn n(id: &str, base: Option<&str>) -> ParkedName {
         ParkedName {
             name: String::new(),
@@ -297,7 +316,7 @@ mod tests {
     #[test]
     fn put_peek_unpark_forget() {
         let d = tempfile::tempdir().unwrap();
-        let p = Parked::new(d.path());
+        let p = Parked::open(d.path()).unwrap();
         let names = vec![
             (
                 "dbuild-stage:aa".to_string(),
@@ -315,10 +334,7 @@ mod tests {
         assert_eq!(e.id, "sha256:1");
         assert_eq!(e.base.as_deref(), Some("sha256:base"));
         assert_eq!(p.peek("sha256:1").unwrap().archive, e.archive);
-        assert_eq!(
-            std::fs::read(p.archive_path(&e.archive)).unwrap(),
-            b"archive one"
-        );
+        assert_eq!(p.read(&e.archive).unwrap(), b"archive one");
         assert!(p.peek("dbuild-stage:cc").is_none());
         let listed = p.archives().unwrap();
         assert_eq!(listed.len(), 2);
@@ -330,7 +346,7 @@ mod tests {
 
         p.unpark(&e.archive).unwrap();
         assert!(p.peek("dbuild-stage:aa").is_none() && p.peek("sha256:1").is_none());
-        assert!(!p.archive_path(&e.archive).exists());
+        assert!(!p.holds(&e.archive));
 
         // Parked again under the same tag: the old archive and its other names go.
         p.put(
@@ -346,7 +362,7 @@ mod tests {
             .unwrap();
         assert_eq!(p.peek("t:x").unwrap().id, "sha256:n");
         assert!(p.peek("sha256:o").is_none());
-        assert!(!p.archive_path(&old.archive).exists());
+        assert!(!p.holds(&old.archive));
 
         let two = p.peek("dbuild-stage:bb").unwrap();
         p.put(b"archive two", &[("sha256:2".into(), n("sha256:2", None))])
@@ -357,13 +373,13 @@ mod tests {
             p.peek("sha256:2").is_none(),
             "the archive's other names go too"
         );
-        assert!(!p.archive_path(&two.archive).exists());
+        assert!(!p.holds(&two.archive));
     }
 
     #[test]
     fn a_step_two_stages_share_keeps_both_archives() {
         let d = tempfile::tempdir().unwrap();
-        let p = Parked::new(d.path());
+        let p = Parked::open(d.path()).unwrap();
         let names = |stage: &str, id: &str| {
             [
                 format!("dbuild-stage:{stage}"),
@@ -387,7 +403,7 @@ mod tests {
         assert!(p.peek("dbuild-stage:a").is_some());
 
         // An archive gone under a name (another process's sweep): the name goes too.
-        std::fs::remove_file(p.archive_path(&a.archive)).unwrap();
+        p.archives.remove(&digest(&a.archive).unwrap()).unwrap();
         assert!(p.peek("dbuild-stage:a").is_none());
         assert!(p
             .names()

@@ -337,32 +337,9 @@ pub fn tree_archive(tree: &SourceTree) -> std::io::Result<Option<Vec<u8>>> {
         }
     };
     for e in &tree.entries {
-        let name = under(&e.rel);
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(e.mode);
-        h.set_uid(e.uid as u64);
-        h.set_gid(e.gid as u64);
-        h.set_mtime(0);
-        h.set_size(0);
-        match &e.kind {
-            Kind::Dir => {
-                h.set_entry_type(tar::EntryType::Directory);
-                out.append_data(&mut h, format!("{name}/"), std::io::empty())?;
-            }
-            Kind::File(Content::Bytes(b)) => {
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_size(b.len() as u64);
-                out.append_data(&mut h, name, b.as_slice())?;
-            }
-            Kind::File(Content::Context(..)) => return Ok(None),
-            Kind::Symlink(target) => {
-                h.set_entry_type(tar::EntryType::Symlink);
-                out.append_link(&mut h, name, target)?;
-            }
-            Kind::Hardlink(target) => {
-                h.set_entry_type(tar::EntryType::Link);
-                out.append_link(&mut h, name, under(target))?;
-            }
+        let meta = (e.mode, e.uid, e.gid);
+        if !append_entry(&mut out, &under(&e.rel), &e.kind, meta, under, None)? {
+            return Ok(None);
         }
     }
     out.into_inner().map(Some)
@@ -386,53 +363,77 @@ pub fn write_tar<W: std::io::Write>(
         if name.is_empty() {
             continue;
         }
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(n.mode);
-        h.set_uid(n.uid as u64);
-        h.set_gid(n.gid as u64);
-        h.set_mtime(0);
-        match &n.kind {
-            Kind::Dir => {
-                h.set_entry_type(tar::EntryType::Directory);
-                h.set_size(0);
-                tar.append_data(&mut h, format!("{name}/"), std::io::empty())?;
-            }
-            Kind::Symlink(target) => {
-                h.set_entry_type(tar::EntryType::Symlink);
-                h.set_size(0);
-                tar.append_link(&mut h, name, target)?;
-            }
-            Kind::Hardlink(target) => {
-                h.set_entry_type(tar::EntryType::Link);
-                h.set_size(0);
-                tar.append_link(&mut h, name, target.trim_start_matches('/'))?;
-            }
-            Kind::File(Content::Bytes(b)) => {
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_size(b.len() as u64);
-                tar.append_data(&mut h, name, b.as_slice())?;
-            }
-            Kind::File(Content::Context(p, size)) => {
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_size(*size);
-                let reader = ctx.open(p)?;
-                // `take` plus the length check: a file that changed since the scan must
-                // not produce a corrupt archive.
-                let mut counted = CountingReader {
-                    inner: reader.take(*size),
-                    n: 0,
-                };
-                tar.append_data(&mut h, name, &mut counted)?;
-                if counted.n != *size {
-                    return Err(std::io::Error::other(format!(
-                        "context file {p} changed while building (expected {size} bytes, read {})",
-                        counted.n
-                    )));
-                }
+        let absolute = |t: &str| t.trim_start_matches('/').to_string();
+        append_entry(
+            &mut tar,
+            name,
+            &n.kind,
+            (n.mode, n.uid, n.gid),
+            absolute,
+            Some(ctx),
+        )?;
+    }
+    tar.into_inner()
+}
+
+/// Appends one entry called `name` with `meta` (mode, uid, gid) and no mtime; a hard
+/// link points at `link(target)`. A context file's bytes are read through `ctx` and must
+/// still have the size the manifest recorded; without `ctx` nothing is written and the
+/// answer is `false`.
+fn append_entry<W: std::io::Write>(
+    tar: &mut tar::Builder<W>,
+    name: &str,
+    kind: &Kind,
+    (mode, uid, gid): (u32, u32, u32),
+    link: impl Fn(&str) -> String,
+    ctx: Option<&dyn ContextFiles>,
+) -> std::io::Result<bool> {
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(mode);
+    h.set_uid(uid as u64);
+    h.set_gid(gid as u64);
+    h.set_mtime(0);
+    h.set_size(0);
+    match kind {
+        Kind::Dir => {
+            h.set_entry_type(tar::EntryType::Directory);
+            tar.append_data(&mut h, format!("{name}/"), std::io::empty())?;
+        }
+        Kind::Symlink(target) => {
+            h.set_entry_type(tar::EntryType::Symlink);
+            tar.append_link(&mut h, name, target)?;
+        }
+        Kind::Hardlink(target) => {
+            h.set_entry_type(tar::EntryType::Link);
+            tar.append_link(&mut h, name, link(target))?;
+        }
+        Kind::File(Content::Bytes(b)) => {
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(b.len() as u64);
+            tar.append_data(&mut h, name, b.as_slice())?;
+        }
+        Kind::File(Content::Context(p, size)) => {
+            let Some(ctx) = ctx else {
+                return Ok(false);
+            };
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(*size);
+            // `take` plus the length check: a file that changed since the scan must not
+            // produce a corrupt archive.
+            let mut counted = CountingReader {
+                inner: ctx.open(p)?.take(*size),
+                n: 0,
+            };
+            tar.append_data(&mut h, name, &mut counted)?;
+            if counted.n != *size {
+                return Err(std::io::Error::other(format!(
+                    "context file {p} changed while building (expected {size} bytes, read {})",
+                    counted.n
+                )));
             }
         }
     }
-    tar.into_inner()
+    Ok(true)
 }
 
 struct CountingReader<R> {
