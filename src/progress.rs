@@ -5,9 +5,9 @@ use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
-use coordinator::frontend::plan::Plan;
 use coordinator::scheduler::BuildEvent;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use model::frontend::plan::Plan;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

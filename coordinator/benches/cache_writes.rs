@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use coordinator::cache::{Artifact, StageCache};
-use coordinator::keys::StageKey;
+use model::keys::StageKey;
 
 fn main() {
     println!("| records in the index | mean write (last 100) |");

@@ -14,37 +14,38 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::digest::BlobDigest;
-use crate::keys::StageKey;
 use crate::store::{BlobStore, SledStore, Store, StoreError, Tree};
+use model::digest::BlobDigest;
+use model::keys::StageKey;
 
 /// The schema of the records below, kept in [`Tree::Meta`] under `stage_records_schema`.
 pub const SCHEMA: &str = "stage-records/1";
 
-/// What a finished stage must leave in the blob store for the stages that consume it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Export {
-    /// The whole image (FROM consumers, the target).
-    pub image: bool,
-    /// Paths of its filesystem (COPY --from / RUN --mount from= consumers).
-    pub paths: BTreeSet<String>,
-}
-
-/// An artifact of a stage in the blob store.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Artifact {
-    pub stage_key: StageKey,
-    /// Empty for the image.
-    pub path: String,
-    pub digest: String,
-    pub size: u64,
-}
+pub use model::task::{Artifact, Export};
 
 /// A blob a record names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlobRef {
     pub digest: String,
     pub size: u64,
+}
+
+/// The records `CacheService.List` sends, most recently used first.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StageRecords(pub Vec<StageRecord>);
+
+impl wire::Doc for StageRecords {
+    const KIND: &'static str = "StageRecords/1";
+}
+impl wire::Doc for CacheStats {
+    const KIND: &'static str = "CacheStats/1";
+}
+impl wire::Doc for PruneOptions {
+    const KIND: &'static str = "PruneOptions/1";
+}
+impl wire::Doc for PruneReport {
+    const KIND: &'static str = "PruneReport/1";
 }
 
 /// Everything the cache knows of one stage key.
@@ -78,7 +79,7 @@ pub struct StageRecord {
     #[serde(default)]
     pub tags: BTreeSet<String>,
     /// Content digests of paths consumers read with `COPY --from` (see
-    /// [`crate::keys::Contents`]): a hit hands them on, so its consumers keep their keys.
+    /// [`model::keys::Contents`]): a hit hands them on, so its consumers keep their keys.
     #[serde(default)]
     pub contents: BTreeMap<String, String>,
 }
@@ -530,7 +531,7 @@ impl StageCache {
         else {
             return Vec::new();
         };
-        crate::image_parts::ImageParts::parse(&bytes)
+        model::image_parts::ImageParts::parse(&bytes)
             .map(|p| {
                 p.layers
                     .into_iter()

@@ -12,12 +12,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{Export, StageCache};
-use crate::context::ContextManifest;
-use crate::frontend::plan::{Plan, StageRef};
-use crate::keys::{
+use crate::store::{Store, StoreError, Tree};
+use model::context::ContextManifest;
+use model::frontend::plan::{Plan, StageRef};
+use model::keys::{
     content_paths, rekey_stage, BaseResolver, ChainLink, KeyInput, StageKey, StageKeys,
 };
-use crate::store::{Store, StoreError, Tree};
 
 /// Where a stage's history lives: the Dockerfile (canonical path) and the stage's name
 /// (`stage-N` when it has none).
@@ -98,6 +98,10 @@ pub fn remember(
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Explanation {
     pub stages: Vec<StageExplanation>,
+}
+
+impl wire::Doc for Explanation {
+    const KIND: &'static str = "Explanation/1";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -419,7 +423,7 @@ fn removed(name: &str, was: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::{InstructionKey, StageKey};
+    use model::keys::{InstructionKey, StageKey};
 
     fn link(source: &str, inputs: &[(&str, &str)]) -> ChainLink {
         ChainLink {

@@ -1,14 +1,10 @@
-//! dbuild coordinator: Dockerfile frontend, build context, cache keys.
-pub mod analysis;
+//! dbuild coordinator: the build session (`build`), the scheduler, the worker pool, the
+//! stage cache over the index (`store`), build history and explain, and the gRPC
+//! services. The build model (frontend, context, keys, tasks) is the `model` crate; what
+//! crosses the wire is the `wire` crate. It never talks to Docker.
 pub mod cache;
-pub mod context;
-pub mod digest;
 pub mod explain;
-pub mod frontend;
-pub mod image_parts;
-pub mod keys;
 pub mod pool;
 pub mod scheduler;
 pub mod service;
 pub mod store;
-pub mod task;

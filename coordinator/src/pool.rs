@@ -9,8 +9,8 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::keys::StageKey;
-use crate::task::{
+use model::keys::StageKey;
+use model::task::{
     BuildInputs, Executor, StageError, StageLog, StageResult, StageTask, TaskBase, TaskSource,
 };
 
@@ -20,8 +20,8 @@ pub const LEASE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a worker may take to pin a build's base images (pulls included).
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(600);
 
+use crate::cache::StageCache;
 pub use crate::cache::{Artifact, BlobRef, Export};
-use crate::cache::{StageCache, StageRecord};
 
 /// A task handed to a worker: the stage plus what to import first and export after.
 #[derive(Clone)]
@@ -110,7 +110,6 @@ struct State {
     workers: BTreeMap<String, Worker>,
     running: BTreeMap<String, Running>,
     /// Per build: what each stage must export.
-    exports: BTreeMap<String, BTreeMap<usize, Export>>,
     /// Resolve jobs awaiting their worker's answer: task id → (worker, reply).
     resolving: BTreeMap<String, (String, oneshot::Sender<Vec<Resolved>>)>,
     next_task: u64,
@@ -241,15 +240,6 @@ impl WorkerPool {
         true
     }
 
-    /// What each stage of a build must export (set before the build runs).
-    pub fn set_exports(&self, build_id: &str, exports: BTreeMap<usize, Export>) {
-        self.state
-            .lock()
-            .unwrap()
-            .exports
-            .insert(build_id.to_string(), exports);
-    }
-
     /// The artifacts of a stage in the blob store (the image has an empty path).
     pub fn artifacts_of(&self, key: &StageKey) -> Vec<Artifact> {
         match self.cache.get(key) {
@@ -260,10 +250,6 @@ impl WorkerPool {
                 Vec::new()
             }
         }
-    }
-
-    pub fn forget_build(&self, build_id: &str) {
-        self.state.lock().unwrap().exports.remove(build_id);
     }
 
     pub fn workers(&self) -> Vec<WorkerStatus> {
@@ -542,20 +528,10 @@ impl Executor for WorkerPool {
             .filter(|id| !id.is_empty())
     }
 
-    fn needs(&self, task: &StageTask) -> Export {
-        self.state
-            .lock()
-            .unwrap()
-            .exports
-            .get(&task.build_id)
-            .and_then(|e| e.get(&task.stage).cloned())
-            .unwrap_or_default()
-    }
-
     /// A record the cache found covers the build's needs with blobs on disk: any worker
     /// can import them, so the record's image stands in.
-    async fn held_image(&self, _task: &StageTask, record: &StageRecord) -> Option<String> {
-        Some(record.image_id.clone())
+    async fn held_image(&self, _task: &StageTask, record_image_id: &str) -> Option<String> {
+        Some(record_image_id.to_string())
     }
 
     async fn run_stage(
@@ -602,7 +578,7 @@ impl Executor for WorkerPool {
                     .insert(id.clone());
                 id
             };
-            let export = self.needs(&task);
+            let export = task.export.clone();
             let _ = logs.send(StageLog {
                 stage: task.stage,
                 line: String::new(),
@@ -672,9 +648,9 @@ impl WorkerPool {
 /// What every stage of a plan must export for its consumers on other workers: the image
 /// for FROM consumers and the target (when the client wants it back), the copied paths for COPY --from and mount from=
 /// consumers (the image when a path has wildcards).
-pub fn exports(plan: &crate::frontend::plan::Plan, target_image: bool) -> BTreeMap<usize, Export> {
-    use crate::frontend::instructions::Instruction;
-    use crate::frontend::plan::StageRef;
+pub fn exports(plan: &model::frontend::plan::Plan, target_image: bool) -> BTreeMap<usize, Export> {
+    use model::frontend::instructions::Instruction;
+    use model::frontend::plan::StageRef;
     let mut out: BTreeMap<usize, Export> = BTreeMap::new();
     if target_image {
         out.entry(plan.target).or_default().image = true;
@@ -710,6 +686,6 @@ pub fn exports(plan: &crate::frontend::plan::Plan, target_image: bool) -> BTreeM
 }
 
 fn absolute(p: &str) -> String {
-    let clean = crate::keys::clean_source(p);
+    let clean = model::keys::clean_source(p);
     format!("/{clean}")
 }

@@ -11,9 +11,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Built, StageCache};
-use crate::frontend::plan::{Plan, StageRef};
-use crate::keys::{content_paths, rekey_stage, BaseResolver, StageKey, StageKeys};
-use crate::task::{
+use model::frontend::plan::{Plan, StageRef};
+use model::keys::{content_paths, rekey_stage, BaseResolver, StageKey, StageKeys};
+use model::task::{
     instruction_image_tag, stage_image_tag, BuildInputs, Executor, StageError, StageLog,
     StageResult, StageTask, TaskBase, TaskInstruction, TaskSource,
 };
@@ -60,6 +60,9 @@ pub struct BuildRequest {
     /// `--network` for RUN (`none`, `host`; `None`: the daemon's default). Not in keys:
     /// like BuildKit, the network a command ran with does not make another result.
     pub network: Option<String>,
+    /// What each stage must leave behind for this build's consumers (empty on one
+    /// daemon, which needs nothing beyond the images it holds; see `pool::exports`).
+    pub exports: BTreeMap<usize, model::task::Export>,
 }
 
 impl BuildRequest {
@@ -130,10 +133,10 @@ async fn find(
         let id = executor.stage_image(&task.key).await?;
         return Some((id, BTreeMap::new()));
     };
-    let need = executor.needs(task);
-    match cache.find(&task.key, &need) {
+    let need = &task.export;
+    match cache.find(&task.key, need) {
         Ok(Some(record)) => {
-            let id = executor.held_image(task, &record).await?;
+            let id = executor.held_image(task, &record.image_id).await?;
             if let Err(e) = cache.count_hit(&task.key, &task.display_name()) {
                 tracing::warn!(error = %e, "could not count a cache hit");
             }
@@ -151,7 +154,7 @@ async fn find(
     }
     // No usable record, but nothing beyond the image is needed and the executor still
     // holds it (built by a process that could not write the index): reuse it.
-    if need == crate::cache::Export::default() {
+    if *need == model::task::Export::default() {
         let id = executor.stage_image(&task.key).await?;
         let name = task.display_name();
         let adopted = cache
@@ -336,7 +339,7 @@ pub fn stage_task(req: &BuildRequest, index: usize) -> StageTask {
     stage_task_keyed(
         req,
         &req.keys,
-        &crate::keys::NoContents,
+        &model::keys::NoContents,
         &BTreeMap::new(),
         reads.get(&index),
         index,
@@ -349,7 +352,7 @@ pub fn stage_task(req: &BuildRequest, index: usize) -> StageTask {
 fn stage_task_keyed(
     req: &BuildRequest,
     all_keys: &[StageKeys],
-    contents: &dyn crate::keys::Contents,
+    contents: &dyn model::keys::Contents,
     done: &BTreeMap<usize, String>,
     read_paths: Option<&BTreeSet<String>>,
     index: usize,
@@ -414,13 +417,14 @@ fn stage_task_keyed(
         network: req.network.clone(),
         digest_paths: read_paths.into_iter().flatten().cloned().collect(),
         park: parkable(plan, index),
+        export: req.exports.get(&index).cloned().unwrap_or_default(),
     }
 }
 
 /// Whether the build reads stage `index` only through plain `COPY --from` paths (see
 /// [`StageTask::park`]).
-fn parkable(plan: &crate::frontend::plan::Plan, index: usize) -> bool {
-    use crate::frontend::plan::StageRef;
+fn parkable(plan: &model::frontend::plan::Plan, index: usize) -> bool {
+    use model::frontend::plan::StageRef;
     if index == plan.target {
         return false;
     }
@@ -438,12 +442,12 @@ fn parkable(plan: &crate::frontend::plan::Plan, index: usize) -> bool {
 /// The digests an instruction's `--from` reads were keyed on (those its key link names as
 /// `content`), by path.
 fn from_contents(
-    pi: &crate::frontend::plan::PlannedInstruction,
-    link: &crate::keys::ChainLink,
-    contents: &dyn crate::keys::Contents,
+    pi: &model::frontend::plan::PlannedInstruction,
+    link: &model::keys::ChainLink,
+    contents: &dyn model::keys::Contents,
 ) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    for (stage, paths) in crate::keys::from_reads(pi) {
+    for (stage, paths) in model::keys::from_reads(pi) {
         for p in paths.into_iter().flatten() {
             if let Some(d) = contents.digest(stage, &p) {
                 if link

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use coordinator::cache::{Artifact, Built, PruneOptions, StageCache};
-use coordinator::keys::StageKey;
 use coordinator::store::BlobStore;
+use model::keys::StageKey;
 
 fn age(blobs_dir: &std::path::Path, hex: &str, by: Duration) {
     let path = blobs_dir.join(&hex[..2]).join(hex);
@@ -138,8 +138,8 @@ fn shared_blobs_count_once_in_sizes_and_pruning() {
     let shared = blobs.put(&[7u8; 100]).unwrap();
     let only_a = blobs.put(&[1u8; 10]).unwrap();
     let only_b = blobs.put(&[2u8; 20]).unwrap();
-    let record = |key: StageKey, own: &coordinator::digest::BlobDigest, size: u64| {
-        let art = |path: &str, d: &coordinator::digest::BlobDigest, size: u64| Artifact {
+    let record = |key: StageKey, own: &model::digest::BlobDigest, size: u64| {
+        let art = |path: &str, d: &model::digest::BlobDigest, size: u64| Artifact {
             stage_key: key,
             path: path.into(),
             digest: d.to_hex(),

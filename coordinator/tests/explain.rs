@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use coordinator::cache::{Built, Export, StageCache};
-use coordinator::context::ContextManifest;
 use coordinator::explain::{
     explain, remember, CacheLookup, Explanation, Lookup, StageLookup, NO_HISTORY,
 };
-use coordinator::frontend::parser::parse;
-use coordinator::frontend::plan::{plan, Plan, PlanOptions, Platform};
-use coordinator::keys::{compute_keys, StageKey, Unresolved};
 use coordinator::store::SledStore;
+use model::context::ContextManifest;
+use model::frontend::parser::parse;
+use model::frontend::plan::{plan, Plan, PlanOptions, Platform};
+use model::keys::{compute_keys, StageKey, Unresolved};
 
 fn planned(dockerfile: &str) -> Plan {
     plan(

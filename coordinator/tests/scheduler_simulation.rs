@@ -5,12 +5,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use coordinator::context::ContextManifest;
-use coordinator::frontend::parser::parse;
-use coordinator::frontend::plan::{plan, PlanOptions, Platform};
-use coordinator::keys::{compute_keys, StageKey, Unresolved};
 use coordinator::scheduler::{BuildError, BuildEvent, BuildRequest, PinnedImages, Scheduler};
-use coordinator::task::{
+use model::context::ContextManifest;
+use model::frontend::parser::parse;
+use model::frontend::plan::{plan, PlanOptions, Platform};
+use model::keys::{compute_keys, StageKey, Unresolved};
+use model::task::{
     BuildInputs, ContextFiles, Executor, StageError, StageLog, StageResult, StageTask,
 };
 use tokio::sync::mpsc;
@@ -142,6 +142,7 @@ fn request_with(src: &str, target: Option<&str>, args: &[(&str, &str)]) -> Build
         no_cache: false,
         no_cache_stages: Default::default(),
         network: None,
+        exports: Default::default(),
     }
 }
 
@@ -363,7 +364,7 @@ async fn a_consumer_is_keyed_on_the_content_it_copies() {
         .insert("/out".into(), "digest-1".into());
     let req = |v| request_with(DF, None, &[("V", v)]);
     assert_eq!(
-        coordinator::keys::content_paths(&req("1").plan)
+        model::keys::content_paths(&req("1").plan)
             .get(&0)
             .map(|p| p.iter().cloned().collect::<Vec<_>>()),
         Some(vec!["/out".to_string()])

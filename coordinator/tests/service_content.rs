@@ -1,12 +1,12 @@
 //! ContentService over real gRPC on loopback, with the store on disk.
-use coordinator::digest::BlobDigest;
-use coordinator::service::content::{pb_digest, receive_blob, upload_chunks};
 use coordinator::service::ContentServer;
 use coordinator::store::BlobStore;
+use model::digest::BlobDigest;
 use proto::v1::content_service_client::ContentServiceClient;
 use proto::v1::content_service_server::ContentServiceServer;
 use proto::v1::{DownloadBlobRequest, MissingBlobsRequest};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use wire::blob::{pb_digest, receive_blob, upload_chunks};
 
 async fn serve(blobs: BlobStore) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,8 +1,8 @@
 //! The store on a real disk: blobs verified on read, sled index durable across reopen.
 use std::io::Write;
 
-use coordinator::digest::BlobDigest;
-use coordinator::store::{BlobStore, SledStore, Store, StoreError, Tree};
+use coordinator::store::{BlobError, BlobStore, SledStore, Store, Tree};
+use model::digest::BlobDigest;
 
 #[test]
 fn blobs_are_named_by_content_and_verified() {
@@ -20,14 +20,14 @@ fn blobs_are_named_by_content_and_verified() {
     let hex = d.to_hex();
     std::fs::write(dir.path().join(&hex[..2]).join(&hex), b"hellO").unwrap();
     match blobs.read(&d) {
-        Err(StoreError::Corrupt { expected, actual }) => {
+        Err(BlobError::Corrupt { expected, actual }) => {
             assert_eq!(expected, hex);
             assert_eq!(actual, BlobDigest::of(b"hellO").to_hex());
         }
         other => panic!("{other:?}"),
     }
     assert!(!blobs.contains(&d));
-    assert!(matches!(blobs.read(&d), Err(StoreError::Missing(_))));
+    assert!(matches!(blobs.read(&d), Err(BlobError::Missing(_))));
 }
 
 #[test]
@@ -36,7 +36,7 @@ fn a_writer_keeps_nothing_unless_the_digest_matches() {
     let blobs = BlobStore::open(dir.path()).unwrap();
     let mut w = blobs.writer(Some(BlobDigest::of(b"expected"))).unwrap();
     w.write_all(b"something else").unwrap();
-    assert!(matches!(w.commit(), Err(StoreError::Corrupt { .. })));
+    assert!(matches!(w.commit(), Err(BlobError::Corrupt { .. })));
     assert!(blobs.list().unwrap().is_empty());
     let mut w = blobs.writer(Some(BlobDigest::of(b"expected"))).unwrap();
     w.write_all(b"expected").unwrap();

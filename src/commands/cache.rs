@@ -7,10 +7,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use coordinator::cache::{
     parse_duration, parse_size, CacheStats, PruneOptions, PruneReport, StageCache, StageRecord,
+    StageRecords,
 };
-use coordinator::service::workers::{document, from_document};
 use coordinator::store::Store;
 use proto::v1::{CacheListRequest, CacheStatsRequest, Document};
+use wire::{document, from_document};
 
 use super::spec::data_dir;
 
@@ -56,7 +57,7 @@ pub enum CacheCommand {
 
 /// The cache, wherever it lives.
 enum Target {
-    Farm(worker::farm::Cache),
+    Farm(wire::client::Cache),
     /// The index, the Docker host and the data directory (where parked images live).
     Local(Arc<StageCache>, Option<String>, PathBuf),
 }
@@ -69,17 +70,13 @@ pub fn run(args: CacheArgs) -> anyhow::Result<()> {
         .block_on(cache(args))
 }
 
-fn parse<T: serde::de::DeserializeOwned>(kind: &str, d: Document) -> anyhow::Result<T> {
-    from_document(kind, Some(&d)).map_err(|s| anyhow::anyhow!("{}", s.message()))
+fn parse<T: wire::Doc>(d: Document) -> anyhow::Result<T> {
+    from_document(Some(&d)).map_err(|s| anyhow::anyhow!("{}", s.message()))
 }
 
 async fn cache(args: CacheArgs) -> anyhow::Result<()> {
     let target = match &args.coordinator {
-        Some(url) => Target::Farm(
-            worker::farm::Clients::connect(url, args.token.clone())
-                .await?
-                .cache,
-        ),
+        Some(url) => Target::Farm(wire::Clients::connect(url, args.token.clone()).await?.cache),
         None => {
             let dir = data_dir(args.data_dir.clone());
             let index =
@@ -96,10 +93,10 @@ async fn cache(args: CacheArgs) -> anyhow::Result<()> {
     match args.command {
         CacheCommand::Ls => {
             let list: Vec<StageRecord> = match &target {
-                Target::Farm(c) => parse(
-                    "StageRecords/1",
-                    c.clone().list(CacheListRequest {}).await?.into_inner(),
-                )?,
+                Target::Farm(c) => {
+                    parse::<StageRecords>(c.clone().list(CacheListRequest {}).await?.into_inner())?
+                        .0
+                }
                 Target::Local(c, _, _) => c.list()?,
             };
             if args.json {
@@ -125,10 +122,9 @@ async fn cache(args: CacheArgs) -> anyhow::Result<()> {
         }
         CacheCommand::Stats => {
             let s: CacheStats = match &target {
-                Target::Farm(c) => parse(
-                    "CacheStats/1",
-                    c.clone().stats(CacheStatsRequest {}).await?.into_inner(),
-                )?,
+                Target::Farm(c) => {
+                    parse(c.clone().stats(CacheStatsRequest {}).await?.into_inner())?
+                }
                 Target::Local(c, _, _) => c.stats()?,
             };
             if args.json {
@@ -164,13 +160,7 @@ async fn cache(args: CacheArgs) -> anyhow::Result<()> {
                 "say what to prune: --keep-storage SIZE, --older-than DURATION or --all"
             );
             let report: PruneReport = match &target {
-                Target::Farm(c) => parse(
-                    "PruneReport/1",
-                    c.clone()
-                        .prune(document("PruneOptions/1", &opts))
-                        .await?
-                        .into_inner(),
-                )?,
+                Target::Farm(c) => parse(c.clone().prune(document(&opts)).await?.into_inner())?,
                 Target::Local(c, host, dir) => {
                     let report = c.prune(&opts)?;
                     remove_images(host.as_deref(), dir, &report).await?;

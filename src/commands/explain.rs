@@ -9,9 +9,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use coordinator::cache::StageCache;
 use coordinator::explain::{explain as explain_build, Explanation, Lookup, StageLookup};
-use coordinator::keys::StageKey;
 use coordinator::store::Store;
-use coordinator::task::Executor;
+use model::keys::StageKey;
+use model::task::Executor;
 
 use super::history::{dockerfile_id, open_index};
 use super::spec::{data_dir, BuildSpec};
@@ -70,7 +70,7 @@ async fn explain(args: ExplainArgs) -> anyhow::Result<()> {
 /// Against the local daemon and `<data-dir>/index`, keyed as `submit` keys.
 async fn embedded(
     args: &ExplainArgs,
-    analysis: &coordinator::analysis::Analysis,
+    analysis: &model::analysis::Analysis,
 ) -> anyhow::Result<Explanation> {
     let data = data_dir(args.spec.data_dir.clone());
     // Stages the embedded build parked count as they do for `submit`.

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use proto::v1::ListWorkersRequest;
 use tokio_util::sync::CancellationToken;
-use worker::farm::{run_worker, Clients, WorkerConfig};
+use wire::Clients;
+use worker::farm::{run_worker, WorkerConfig};
 
 #[derive(clap::Args)]
 pub struct CoordinatorArgs {

@@ -3,8 +3,8 @@ use std::collections::BTreeSet;
 use std::io::Write;
 
 use anyhow::Context;
-use coordinator::analysis::Analysis;
-use coordinator::frontend::plan::StageRef;
+use model::analysis::Analysis;
+use model::frontend::plan::StageRef;
 
 use super::spec::BuildSpec;
 use serde_json::json;

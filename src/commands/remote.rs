@@ -6,17 +6,17 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use coordinator::analysis::Analysis;
-use coordinator::context::EntryKind;
-use coordinator::digest::BlobDigest;
 use coordinator::explain::Explanation;
 use coordinator::scheduler::BuildEvent;
-use coordinator::service::content::{pb_digest, receive_blob, upload_chunks};
-use coordinator::service::workers::{document, from_document};
 use futures::StreamExt;
+use model::analysis::Analysis;
+use model::context::EntryKind;
+use model::digest::BlobDigest;
 use proto::v1::{DownloadBlobRequest, MissingBlobsRequest, SubmitRequest};
 use tokio_stream::wrappers::ReceiverStream;
-use worker::farm::Clients;
+use wire::blob::{pb_digest, receive_blob, upload_chunks};
+use wire::Clients;
+use wire::{document, from_document};
 
 use super::history::dockerfile_id;
 use super::spec::BuildSpec;
@@ -37,7 +37,7 @@ pub(crate) fn build_request(
         dockerfile: std::fs::read(&dockerfile)
             .with_context(|| format!("reading {}", dockerfile.display()))?,
         dockerfile_path: dockerfile.display().to_string(),
-        manifest: Some(document("ContextManifest/1", &analysis.manifest)),
+        manifest: Some(document(&analysis.manifest)),
         target: spec.target.clone(),
         build_args: spec.build_args()?.into_iter().collect(),
         platform: analysis.plan.platform.to_string(),
@@ -66,7 +66,7 @@ pub async fn explain(
         .await
         .map_err(|e| anyhow::anyhow!("{}", e.message()))?
         .into_inner();
-    from_document("Explanation/1", Some(&doc)).map_err(|e| anyhow::anyhow!("{}", e.message()))
+    from_document(Some(&doc)).map_err(|e| anyhow::anyhow!("{}", e.message()))
 }
 
 pub async fn submit(
@@ -278,7 +278,7 @@ async fn deliver(
         use std::io::Read;
         (&mut first).take(4 << 20).read_to_end(&mut head)?;
     }
-    let mut tar = match coordinator::image_parts::ImageParts::parse(&head) {
+    let mut tar = match model::image_parts::ImageParts::parse(&head) {
         None => {
             use std::io::Seek;
             first.seek(std::io::SeekFrom::Start(0))?;
@@ -295,12 +295,8 @@ async fn deliver(
                 Ok(layers.next().map(|f| Box::new(f) as Box<dyn std::io::Read>))
             };
             let mut tar = tempfile::tempfile().context("a temporary file for the image")?;
-            coordinator::image_parts::assemble(
-                &parts,
-                &mut layer,
-                std::io::BufWriter::new(&mut tar),
-            )
-            .context("assembling the image")?;
+            model::image_parts::assemble(&parts, &mut layer, std::io::BufWriter::new(&mut tar))
+                .context("assembling the image")?;
             use std::io::Seek;
             tar.seek(std::io::SeekFrom::Start(0))?;
             tar

@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::bail;
-use coordinator::analysis::{analyze, Analysis, AnalysisRequest};
-use coordinator::frontend::plan::{PlanOptions, Platform};
-use coordinator::keys::Unresolved;
+use model::analysis::{analyze, Analysis, AnalysisRequest};
+use model::frontend::plan::{PlanOptions, Platform};
+use model::keys::Unresolved;
 
 #[derive(clap::Args)]
 pub struct BuildSpec {
@@ -57,7 +57,7 @@ impl BuildSpec {
                 platform: Platform::host(),
             },
             // Without a usable data dir every file is simply hashed again.
-            stat_cache: coordinator::context::stat_cache_path(&data, &self.context).ok(),
+            stat_cache: model::context::stat_cache_path(&data, &self.context).ok(),
         };
         Ok(analyze(&req, &Unresolved)?)
     }

@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use coordinator::cache::StageCache;
-use coordinator::keys::compute_keys;
 use coordinator::scheduler::{external_images, BuildError, BuildRequest, PinnedImages, Scheduler};
 use coordinator::store::Store;
-use coordinator::task::{BuildInputs, Executor, LocalContext};
+use model::keys::compute_keys;
+use model::task::{BuildInputs, Executor, LocalContext};
 use tokio_util::sync::CancellationToken;
 
 use super::history::{dockerfile_id, open_index, remember, why_rebuilt};
@@ -162,6 +162,8 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
         no_cache: args.no_cache,
         no_cache_stages,
         network: (args.network != "default").then(|| args.network.clone()),
+        // One daemon holds every stage's image: nothing more is exported.
+        exports: BTreeMap::new(),
     };
     let inputs = BuildInputs {
         manifest: Arc::new(analysis.manifest),
@@ -286,9 +288,9 @@ async fn cap_local_cache(cache: &StageCache, docker_host: Option<&str>, data: &s
 /// per `pull`), then keys the plan with those ids.
 pub(crate) async fn pin_and_key(
     executor: &dyn Executor,
-    analysis: &coordinator::analysis::Analysis,
+    analysis: &model::analysis::Analysis,
     pull: bool,
-) -> anyhow::Result<(PinnedImages, Vec<coordinator::keys::StageKeys>)> {
+) -> anyhow::Result<(PinnedImages, Vec<model::keys::StageKeys>)> {
     let mut pinned = PinnedImages::default();
     for reference in external_images(&analysis.plan) {
         if reference.eq_ignore_ascii_case("scratch") {

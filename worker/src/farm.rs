@@ -4,7 +4,7 @@
 //! those paths) and exports what consumers need after it. It never opens the cache index.
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,30 +13,24 @@ use bollard::query_parameters::{
     ImportImageOptionsBuilder, ListImagesOptionsBuilder, RemoveContainerOptionsBuilder,
 };
 use bollard::Docker;
-use coordinator::context::ContextManifest;
-use coordinator::digest::BlobDigest;
-use coordinator::frontend::instructions::{Instruction, MountType};
-use coordinator::keys::{match_sources, StageKey};
-use coordinator::service::content::{pb_digest, receive_blob, upload_chunks};
-use coordinator::service::workers::{artifact, document, from_document, pb_artifact};
-use coordinator::store::BlobStore;
-use coordinator::task::{
+use futures::StreamExt;
+use model::blobs::BlobStore;
+use model::context::ContextManifest;
+use model::digest::BlobDigest;
+use model::frontend::instructions::{Instruction, MountType};
+use model::keys::{match_sources, StageKey};
+use model::task::Artifact;
+use model::task::{
     stage_image_tag, BlobContext, BuildInputs, Executor, StageError, StageLog, StageTask, TaskBase,
     TaskSource,
 };
-use futures::StreamExt;
-use proto::v1::build_service_client::BuildServiceClient;
-use proto::v1::cache_service_client::CacheServiceClient;
-use proto::v1::content_service_client::ContentServiceClient;
-use proto::v1::worker_service_client::WorkerServiceClient;
 use proto::v1::{
-    task_report, BaseImage, DownloadBlobRequest, HeartbeatRequest, MissingBlobsRequest,
-    RegisterRequest, ResolveImages, ResolvedImage, ResolvedReport, TaskAssignment, TaskLog,
-    TaskReport, TasksRequest,
+    task_report, BaseImage, HeartbeatRequest, RegisterRequest, ResolveImages, ResolvedImage,
+    ResolvedReport, TaskAssignment, TaskLog, TaskReport, TasksRequest,
 };
 use tokio_util::sync::CancellationToken;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use wire::blob::{artifact, pb_artifact, pb_digest};
+use wire::{document, from_document};
 
 use crate::DockerExecutor;
 
@@ -57,8 +51,10 @@ pub struct WorkerConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("cannot reach the coordinator at {url}: {message}")]
-    Connect { url: String, message: String },
+    #[error(transparent)]
+    Connect(#[from] wire::ConnectError),
+    #[error(transparent)]
+    Transfer(#[from] wire::blob::TransferError),
     #[error("coordinator refused: {0}")]
     Rpc(#[from] tonic::Status),
     #[error("docker: {0}")]
@@ -67,125 +63,8 @@ pub enum WorkerError {
     Io(String),
 }
 
-/// Adds `authorization: Bearer <token>` to every request when a token is set.
-#[derive(Clone)]
-pub struct Bearer(Option<String>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(t) = &self.0 {
-            let v = format!("Bearer {t}")
-                .parse()
-                .map_err(|_| tonic::Status::invalid_argument("token is not a valid header"))?;
-            req.metadata_mut().insert("authorization", v);
-        }
-        Ok(req)
-    }
-}
-
-pub type Workers = WorkerServiceClient<InterceptedService<Channel, Bearer>>;
-pub type Content = ContentServiceClient<InterceptedService<Channel, Bearer>>;
-pub type Builds = BuildServiceClient<InterceptedService<Channel, Bearer>>;
-pub type Cache = CacheServiceClient<InterceptedService<Channel, Bearer>>;
-
-/// The clients a worker or a farm client needs, sharing one channel.
-#[derive(Clone)]
-pub struct Clients {
-    pub workers: Workers,
-    pub content: Content,
-    pub builds: Builds,
-    pub cache: Cache,
-}
-
-impl Clients {
-    pub async fn connect(url: &str, token: Option<String>) -> Result<Self, WorkerError> {
-        let channel = Channel::from_shared(url.to_string())
-            .map_err(|e| WorkerError::Connect {
-                url: url.into(),
-                message: e.to_string(),
-            })?
-            .connect_timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .map_err(|e| WorkerError::Connect {
-                url: url.into(),
-                message: e.to_string(),
-            })?;
-        let bearer = Bearer(token);
-        Ok(Clients {
-            workers: WorkerServiceClient::with_interceptor(channel.clone(), bearer.clone()),
-            content: ContentServiceClient::with_interceptor(channel.clone(), bearer.clone()),
-            builds: BuildServiceClient::with_interceptor(channel.clone(), bearer.clone()),
-            cache: CacheServiceClient::with_interceptor(channel, bearer),
-        })
-    }
-}
-
-/// Uploads a file as a blob unless the store has it; returns its digest and size.
-pub async fn upload_file(
-    content: &mut Content,
-    path: &Path,
-) -> Result<(BlobDigest, u64), WorkerError> {
-    let p = path.to_path_buf();
-    let (digest, size) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-        let mut h = blake3::Hasher::new();
-        let f = std::fs::File::open(&p)?;
-        let size = f.metadata()?.len();
-        h.update_reader(f)?;
-        Ok((BlobDigest::from(h.finalize()), size))
-    })
-    .await
-    .map_err(|e| WorkerError::Io(e.to_string()))?
-    .map_err(|e| WorkerError::Io(format!("{}: {e}", path.display())))?;
-    let missing = content
-        .missing_blobs(MissingBlobsRequest {
-            digests: vec![pb_digest(&digest)],
-        })
-        .await?
-        .into_inner()
-        .missing;
-    if !missing.is_empty() {
-        let f = std::fs::File::open(path).map_err(|e| WorkerError::Io(e.to_string()))?;
-        content
-            .upload_blob(tokio_stream::wrappers::ReceiverStream::new(upload_chunks(
-                digest, size, f,
-            )))
-            .await?;
-    }
-    Ok((digest, size))
-}
-
-/// Downloads a blob into the local blob cache (verified on receipt).
-pub async fn download_to(
-    content: &mut Content,
-    blobs: &BlobStore,
-    digest: &BlobDigest,
-) -> Result<(), WorkerError> {
-    if blobs.contains(digest) {
-        return Ok(());
-    }
-    let stream = content
-        .download_blob(DownloadBlobRequest {
-            digest: Some(pb_digest(digest)),
-        })
-        .await?
-        .into_inner();
-    let mut w = blobs
-        .writer(Some(*digest))
-        .map_err(|e| WorkerError::Io(e.to_string()))?;
-    struct Sink<'a>(&'a mut coordinator::store::BlobWriter);
-    impl Write for Sink<'_> {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.write(b)
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    receive_blob(stream, &mut Sink(&mut w)).await?;
-    w.commit().map_err(|e| WorkerError::Io(e.to_string()))?;
-    Ok(())
-}
+pub use wire::blob::{download_to, upload_file};
+pub use wire::client::{Builds, Cache, Clients, Content, Workers};
 
 /// The context files a task reads (COPY/ADD and bind mounts from the context).
 fn needed_context_blobs(task: &StageTask, manifest: &ContextManifest) -> Vec<BlobDigest> {
@@ -357,10 +236,10 @@ async fn session(
             _ = shutdown.cancelled() => return Ok(()),
         };
         let Some(assignment) = next else {
-            return Err(WorkerError::Connect {
+            return Err(WorkerError::Connect(wire::ConnectError {
                 url: cfg.coordinator.clone(),
                 message: "the coordinator closed the task stream".into(),
-            });
+            }));
         };
         let token = shutdown.child_token();
         sh.running
@@ -397,16 +276,16 @@ async fn session(
 /// The tags of the images a task reads and writes (its stage, its instructions, the
 /// stages it reads), for the image cap's least-recently-used order.
 fn used_tags(a: &TaskAssignment) -> Vec<String> {
-    let Ok(task) = from_document::<StageTask>("StageTask/1", a.task.as_ref()) else {
+    let Ok(task) = from_document::<StageTask>(a.task.as_ref()) else {
         return Vec::new();
     };
     let mut tags = vec![stage_image_tag(&task.key)];
     tags.extend(
         task.instructions
             .iter()
-            .map(|t| coordinator::task::instruction_image_tag(&t.key)),
+            .map(|t| model::task::instruction_image_tag(&t.key)),
     );
-    let mut by_key: BTreeMap<StageKey, Vec<coordinator::pool::Artifact>> = BTreeMap::new();
+    let mut by_key: BTreeMap<StageKey, Vec<Artifact>> = BTreeMap::new();
     for art in a.imports.iter().filter_map(|i| artifact(i).ok()) {
         by_key.entry(art.stage_key).or_default().push(art);
     }
@@ -425,7 +304,7 @@ const PATHS_IN_MEMORY: u64 = 64 << 20;
 
 /// The tag of the image a worker makes of a stage's exported paths: named by the stage key
 /// and the artifacts' digests, so other artifacts of the same key never reuse it.
-fn paths_image_tag(key: &StageKey, arts: &[coordinator::pool::Artifact]) -> String {
+fn paths_image_tag(key: &StageKey, arts: &[Artifact]) -> String {
     let mut h = blake3::Hasher::new();
     let mut digests: Vec<&str> = arts.iter().map(|a| a.digest.as_str()).collect();
     digests.sort();
@@ -669,16 +548,13 @@ impl TaskCtx {
             Ok((result, artifacts)) => TaskReport {
                 worker_id: self.worker_id.clone(),
                 task_id,
-                outcome: Some(task_report::Outcome::Result(document(
-                    "StageResult/1",
-                    &result,
-                ))),
+                outcome: Some(task_report::Outcome::Result(document(&result))),
                 artifacts: artifacts.iter().map(pb_artifact).collect(),
             },
             Err(e) => TaskReport {
                 worker_id: self.worker_id.clone(),
                 task_id,
-                outcome: Some(task_report::Outcome::Error(document("StageError/1", &e))),
+                outcome: Some(task_report::Outcome::Error(document(&e))),
                 artifacts: Vec::new(),
             },
         };
@@ -692,18 +568,11 @@ impl TaskCtx {
         a: &TaskAssignment,
         logs: tokio::sync::mpsc::UnboundedSender<StageLog>,
         cancel: CancellationToken,
-    ) -> Result<
-        (
-            coordinator::task::StageResult,
-            Vec<coordinator::pool::Artifact>,
-        ),
-        StageError,
-    > {
+    ) -> Result<(model::task::StageResult, Vec<Artifact>), StageError> {
         let rpc = |e: tonic::Status| StageError::new(e.message().to_string());
         let wrk = |e: WorkerError| StageError::new(e.to_string());
-        let mut task: StageTask = from_document("StageTask/1", a.task.as_ref()).map_err(rpc)?;
-        let manifest: ContextManifest =
-            from_document("ContextManifest/1", a.manifest.as_ref()).map_err(rpc)?;
+        let mut task: StageTask = from_document(a.task.as_ref()).map_err(rpc)?;
+        let manifest: ContextManifest = from_document(a.manifest.as_ref()).map_err(rpc)?;
         let moved_in = Instant::now();
         self.load_base_images(&a.base_images).await?;
         self.import(&mut task, a).await?;
@@ -715,7 +584,7 @@ impl TaskCtx {
         });
         let mut fetches = futures::stream::iter(fetches).buffer_unordered(16);
         while let Some(r) = fetches.next().await {
-            r.map_err(wrk)?;
+            r.map_err(|e| wrk(e.into()))?;
         }
         drop(fetches);
         let _ = logs.send(StageLog {
@@ -743,7 +612,7 @@ impl TaskCtx {
     /// Loads the stage images the task needs and lacks; turns copied-path artifacts into a
     /// small image the COPY --from reads instead of the stage's image.
     async fn import(&mut self, task: &mut StageTask, a: &TaskAssignment) -> Result<(), StageError> {
-        let mut by_key: BTreeMap<StageKey, Vec<coordinator::pool::Artifact>> = BTreeMap::new();
+        let mut by_key: BTreeMap<StageKey, Vec<Artifact>> = BTreeMap::new();
         for pb in &a.imports {
             let art = artifact(pb).map_err(|e| StageError::new(e.message().to_string()))?;
             by_key.entry(art.stage_key).or_default().push(art);
@@ -832,7 +701,7 @@ impl TaskCtx {
     async fn import_stage(
         mut self,
         key: StageKey,
-        arts: &[coordinator::pool::Artifact],
+        arts: &[Artifact],
         expected: Option<String>,
         have: Vec<String>,
         platform: &str,
@@ -969,7 +838,7 @@ impl TaskCtx {
         task: &StageTask,
         a: &TaskAssignment,
         image_id: &str,
-    ) -> Result<Vec<coordinator::pool::Artifact>, WorkerError> {
+    ) -> Result<Vec<Artifact>, WorkerError> {
         let tag = stage_image_tag(&task.key);
         let mut out = Vec::new();
         std::fs::create_dir_all(&self.scratch).map_err(|e| WorkerError::Io(e.to_string()))?;
@@ -1044,35 +913,34 @@ impl TaskCtx {
         Ok(out)
     }
 
-    /// Exports the stage image as parts (coordinator::image_parts): each layer a blob,
+    /// Exports the stage image as parts (model::image_parts): each layer a blob,
     /// uploaded only when the store lacks it (a base layer is stored once for every stage
     /// built on it), and an index naming them, which is the artifact.
     async fn export_image_parts(
         &mut self,
         task: &StageTask,
         tag: &str,
-    ) -> Result<coordinator::pool::Artifact, WorkerError> {
+    ) -> Result<Artifact, WorkerError> {
         let io = |e: std::io::Error| WorkerError::Io(e.to_string());
         let archive = self.save_image(tag).await?;
         let (path, scratch) = (archive.path().to_path_buf(), self.scratch.clone());
-        let saved = tokio::task::spawn_blocking(move || {
-            coordinator::image_parts::split_saved(&path, &scratch)
-        })
-        .await
-        .map_err(|e| WorkerError::Io(e.to_string()))?
-        .map_err(|e| WorkerError::Io(format!("splitting the saved image {tag}: {e}")))?;
+        let saved =
+            tokio::task::spawn_blocking(move || model::image_parts::split_saved(&path, &scratch))
+                .await
+                .map_err(|e| WorkerError::Io(e.to_string()))?
+                .map_err(|e| WorkerError::Io(format!("splitting the saved image {tag}: {e}")))?;
         drop(archive);
         let mut layers = Vec::with_capacity(saved.layers.len());
         for (diff_id, file) in &saved.layers {
             let (d, size) = upload_file(&mut self.clients.content, file.path()).await?;
-            layers.push(coordinator::image_parts::LayerPart {
+            layers.push(model::image_parts::LayerPart {
                 diff_id: diff_id.clone(),
                 digest: d.to_hex(),
                 size,
             });
         }
-        let index = coordinator::image_parts::ImageParts {
-            kind: coordinator::image_parts::KIND.into(),
+        let index = model::image_parts::ImageParts {
+            kind: model::image_parts::KIND.into(),
             config: saved.config,
             repo_tags: saved.repo_tags,
             layers,
@@ -1080,7 +948,7 @@ impl TaskCtx {
         let file = tempfile::NamedTempFile::new_in(&self.scratch).map_err(io)?;
         std::fs::write(file.path(), index.to_json()).map_err(io)?;
         let (d, size) = upload_file(&mut self.clients.content, file.path()).await?;
-        Ok(coordinator::pool::Artifact {
+        Ok(Artifact {
             stage_key: task.key,
             path: String::new(),
             digest: d.to_hex(),
@@ -1104,7 +972,7 @@ impl TaskCtx {
             None
         } else {
             let bytes = self.fetch_blob(digest).await?;
-            coordinator::image_parts::ImageParts::parse(&bytes)
+            model::image_parts::ImageParts::parse(&bytes)
         };
         let Some(parts) = parts else {
             let file = self.fetch_blob_file(digest).await?;
@@ -1141,7 +1009,7 @@ impl TaskCtx {
                 })
             };
             let mut w = std::io::BufWriter::new(&archive);
-            coordinator::image_parts::assemble(&parts, &mut layer, &mut w)
+            model::image_parts::assemble(&parts, &mut layer, &mut w)
                 .map_err(|e| StageError::new(format!("assembling image {digest}: {e}")))?;
             drop(w);
             use std::io::Seek;
@@ -1175,7 +1043,7 @@ impl TaskCtx {
         task: &StageTask,
         path: String,
         mut stream: impl futures::Stream<Item = Result<bytes::Bytes, bollard::errors::Error>> + Unpin,
-    ) -> Result<Option<coordinator::pool::Artifact>, WorkerError> {
+    ) -> Result<Option<Artifact>, WorkerError> {
         let io = |e: std::io::Error| WorkerError::Io(e.to_string());
         let file = tempfile::NamedTempFile::new_in(&self.scratch).map_err(io)?;
         let mut f = file.reopen().map_err(io)?;
@@ -1188,7 +1056,7 @@ impl TaskCtx {
         }
         f.flush().map_err(io)?;
         let (d, size) = upload_file(&mut self.clients.content, file.path()).await?;
-        Ok(Some(coordinator::pool::Artifact {
+        Ok(Some(Artifact {
             stage_key: task.key,
             path,
             digest: d.to_hex(),

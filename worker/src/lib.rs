@@ -1,6 +1,6 @@
 //! dbuild worker: executes stage tasks on a Docker daemon (issue #3).
 //!
-//! [`DockerExecutor`] implements `coordinator::task::Executor` with bollard, executing
+//! [`DockerExecutor`] implements `model::task::Executor` with bollard, executing
 //! every instruction itself through the container and image API.
 pub mod executor;
 

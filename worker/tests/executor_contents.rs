@@ -33,11 +33,11 @@ async fn contents_ignore_mtimes_and_a_consumer_checks_what_it_copies() {
     // The consumer keyed on those digests copies; keyed on others, it refuses.
     let mut consumer = tasks[1].clone();
     for ti in &mut consumer.instructions {
-        if let Some(coordinator::task::TaskSource::Stage { image_id, .. }) = &mut ti.copy_from {
+        if let Some(model::task::TaskSource::Stage { image_id, .. }) = &mut ti.copy_from {
             *image_id = Some(again.image_id.clone());
         }
     }
-    let keyed = |c: &mut coordinator::task::StageTask, out: &str| {
+    let keyed = |c: &mut model::task::StageTask, out: &str| {
         c.instructions[0].from_contents = [("/out".to_string(), out.to_string())].into();
     };
     keyed(&mut consumer, &first.contents["/out"]);
@@ -93,7 +93,7 @@ async fn contents_from_the_stage_layers_equal_an_image_read() {
         let (built, _) = run_all(&ex, std::slice::from_ref(task), &inputs).await;
         let built = built.unwrap().remove(0);
         assert_eq!(built.contents.len(), n, "{:?}", built.contents);
-        let read = coordinator::task::Executor::contents(&fresh, &built.image_id, &paths).await;
+        let read = model::task::Executor::contents(&fresh, &built.image_id, &paths).await;
         assert_eq!(read, built.contents);
     }
 }
@@ -132,7 +132,7 @@ async fn exported_paths_are_read_ahead_for_the_consumer() {
         .unwrap();
     let mut consumer = tasks[1].clone();
     for ti in &mut consumer.instructions {
-        ti.copy_from = Some(coordinator::task::TaskSource::Image {
+        ti.copy_from = Some(model::task::TaskSource::Image {
             reference: id.clone(),
             id: id.clone(),
         });

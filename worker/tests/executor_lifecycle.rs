@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::*;
-use coordinator::task::{Executor, StageLog};
+use model::task::{Executor, StageLog};
 use tokio_util::sync::CancellationToken;
 
 fn nonce() -> u128 {
@@ -192,8 +192,7 @@ EOF
         leftovers(&ex).await
     );
     // Remove only this test's cache volume (named after the executor and the cache id).
-    let hash =
-        coordinator::digest::BlobDigest::of(format!("{}\0/cache", ex.name_prefix()).as_bytes());
+    let hash = model::digest::BlobDigest::of(format!("{}\0/cache", ex.name_prefix()).as_bytes());
     let volume = format!("dbuild-cache-{}", &hash.to_hex()[..32]);
     docker(&["volume", "rm", &volume]).expect("the cache volume exists");
 }

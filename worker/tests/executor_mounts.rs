@@ -105,7 +105,7 @@ RUN --mount=type=cache,id={id}-d,target=/c3 stat -c '%a %u %g' /c3 > /c3.txt
     // executor names them: after the executor, the cache id and any root it was given.
     for key in [format!("{id}\u{0}1000:1000:700"), format!("{id}-d")] {
         let name = format!("{}\u{0}{key}", ex.name_prefix());
-        let hash = coordinator::digest::BlobDigest::of(name.as_bytes());
+        let hash = model::digest::BlobDigest::of(name.as_bytes());
         let volume = format!("dbuild-cache-{}", &hash.to_hex()[..32]);
         docker(&["volume", "rm", &volume]).expect("the cache volume exists");
     }

@@ -18,16 +18,16 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::workers::{document, from_document};
-use crate::context::{ContextManifest, EntryKind};
 use crate::explain::{self, CacheLookup};
-use crate::frontend::parser;
-use crate::frontend::plan::{plan, Plan, PlanOptions, Platform};
-use crate::keys::{compute_keys, StageKeys};
 use crate::pool::{exports, WorkerPool};
 use crate::scheduler::{external_images, BuildRequest, PinnedImages, Scheduler};
 use crate::store::BlobStore;
-use crate::task::{BlobContext, BuildInputs};
+use model::context::{ContextManifest, EntryKind};
+use model::frontend::parser;
+use model::frontend::plan::{plan, Plan, PlanOptions, Platform};
+use model::keys::{compute_keys, StageKeys};
+use model::task::{BlobContext, BuildInputs};
+use wire::{document, from_document};
 
 pub struct BuildServer {
     pool: Arc<WorkerPool>,
@@ -105,7 +105,7 @@ impl BuildServer {
                 None => format!("{file}: {}", e.message),
             })
         })?;
-        let manifest: ContextManifest = from_document("ContextManifest/1", r.manifest.as_ref())?;
+        let manifest: ContextManifest = from_document(r.manifest.as_ref())?;
         // Base images are pinned once per build, by a worker's daemon: the ids enter the
         // keys (a tag that moved is a miss) and every worker builds from them.
         let references: Vec<String> = external_images(&plan)
@@ -171,8 +171,6 @@ impl BuildService for BuildServer {
             &target_key.to_hex()[..12]
         );
         let plan = Arc::new(plan);
-        self.pool
-            .set_exports(&build_id, exports(&plan, r.export_image));
         let manifest = Arc::new(manifest);
         let inputs = BuildInputs {
             manifest: Arc::clone(&manifest),
@@ -186,6 +184,7 @@ impl BuildService for BuildServer {
             .stage_indices(&r.no_cache_filter)
             .map_err(Status::invalid_argument)?;
         let request = BuildRequest {
+            exports: exports(&plan, r.export_image),
             build_id: build_id.clone(),
             plan,
             keys: Arc::new(keys),
@@ -295,7 +294,6 @@ impl BuildService for BuildServer {
                         .await;
                 }
             }
-            pool.forget_build(&build_id);
             builds.lock().unwrap().remove(&build_id);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
@@ -320,7 +318,7 @@ impl BuildService for BuildServer {
             &lookup,
         )
         .await;
-        Ok(Response::new(document("Explanation/1", &explanation)))
+        Ok(Response::new(document(&explanation)))
     }
 
     async fn cancel(

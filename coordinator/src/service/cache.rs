@@ -5,8 +5,8 @@ use proto::v1::cache_service_server::CacheService;
 use proto::v1::{CacheListRequest, CacheStatsRequest, Document};
 use tonic::{Request, Response, Status};
 
-use super::workers::{document, from_document};
-use crate::cache::{PruneOptions, StageCache};
+use crate::cache::{PruneOptions, StageCache, StageRecords};
+use wire::{document, from_document};
 
 pub struct CacheServer {
     cache: Arc<StageCache>,
@@ -26,21 +26,21 @@ fn internal(e: crate::store::StoreError) -> Status {
 impl CacheService for CacheServer {
     async fn stats(&self, _: Request<CacheStatsRequest>) -> Result<Response<Document>, Status> {
         let s = self.cache.stats().map_err(internal)?;
-        Ok(Response::new(document("CacheStats/1", &s)))
+        Ok(Response::new(document(&s)))
     }
 
     async fn list(&self, _: Request<CacheListRequest>) -> Result<Response<Document>, Status> {
         let l = self.cache.list().map_err(internal)?;
-        Ok(Response::new(document("StageRecords/1", &l)))
+        Ok(Response::new(document(&StageRecords(l))))
     }
 
     async fn prune(&self, req: Request<Document>) -> Result<Response<Document>, Status> {
-        let opts: PruneOptions = from_document("PruneOptions/1", Some(req.get_ref()))?;
+        let opts: PruneOptions = from_document(Some(req.get_ref()))?;
         let cache = Arc::clone(&self.cache);
         let r = tokio::task::spawn_blocking(move || cache.prune(&opts))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(internal)?;
-        Ok(Response::new(document("PruneReport/1", &r)))
+        Ok(Response::new(document(&r)))
     }
 }

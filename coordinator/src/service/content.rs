@@ -1,21 +1,18 @@
 //! `ContentService`: which blobs are missing, chunked upload (verified before it is kept)
 //! and chunked download (verified as it is read; a corrupt blob is deleted, never served).
-use std::io::Read;
 use std::pin::Pin;
 
 use futures::Stream;
 use proto::v1::content_service_server::ContentService;
 use proto::v1::{
-    BlobChunk, BlobDigest as PbDigest, DownloadBlobRequest, MissingBlobsRequest,
-    MissingBlobsResponse, UploadBlobResponse,
+    BlobChunk, DownloadBlobRequest, MissingBlobsRequest, MissingBlobsResponse, UploadBlobResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::CHUNK;
-use crate::digest::BlobDigest;
-use crate::store::{BlobStore, StoreError};
+use model::blobs::{BlobError, BlobStore};
+use wire::blob::{parse_digest, pb_digest, ChunkSink, CHUNK};
 
 pub struct ContentServer {
     blobs: BlobStore,
@@ -27,20 +24,10 @@ impl ContentServer {
     }
 }
 
-pub fn parse_digest(d: Option<&PbDigest>) -> Result<BlobDigest, Status> {
-    let hex = d.map(|d| d.hex.as_str()).unwrap_or("");
-    BlobDigest::from_hex(hex)
-        .ok_or_else(|| Status::invalid_argument(format!("not a blake3 digest: {hex:?}")))
-}
-
-pub fn pb_digest(d: &BlobDigest) -> PbDigest {
-    PbDigest { hex: d.to_hex() }
-}
-
-pub fn store_status(e: StoreError) -> Status {
+pub fn store_status(e: BlobError) -> Status {
     match e {
-        StoreError::Missing(_) => Status::not_found(e.to_string()),
-        StoreError::Corrupt { .. } => Status::data_loss(e.to_string()),
+        BlobError::Missing(_) => Status::not_found(e.to_string()),
+        BlobError::Corrupt { .. } => Status::data_loss(e.to_string()),
         other => Status::internal(other.to_string()),
     }
 }
@@ -79,10 +66,10 @@ impl ContentService for ContentServer {
         let blobs = self.blobs.clone();
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
         // The file is written on a blocking thread while chunks arrive.
-        let writer = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+        let writer = tokio::task::spawn_blocking(move || -> Result<_, BlobError> {
             let mut w = blobs.writer(Some(expected))?;
             while let Some(chunk) = rx.blocking_recv() {
-                std::io::Write::write_all(&mut w, &chunk).map_err(|source| StoreError::BlobIo {
+                std::io::Write::write_all(&mut w, &chunk).map_err(|source| BlobError::BlobIo {
                     digest: expected.to_hex(),
                     source,
                 })?;
@@ -135,7 +122,7 @@ impl ContentService for ContentServer {
                 buf: Vec::with_capacity(CHUNK),
             };
             let result = blobs.copy_to(&digest, &mut sink).and_then(|_| {
-                sink.flush_chunk().map_err(|source| StoreError::BlobIo {
+                sink.flush_chunk().map_err(|source| BlobError::BlobIo {
                     digest: digest.to_hex(),
                     source,
                 })
@@ -146,109 +133,4 @@ impl ContentService for ContentServer {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
-}
-
-struct ChunkSink<'a> {
-    tx: &'a mpsc::Sender<Result<BlobChunk, Status>>,
-    first: Option<(BlobDigest, u64)>,
-    buf: Vec<u8>,
-}
-
-impl ChunkSink<'_> {
-    fn flush_chunk(&mut self) -> std::io::Result<()> {
-        if self.buf.is_empty() && self.first.is_none() {
-            return Ok(());
-        }
-        let (digest, size) = match self.first.take() {
-            Some((d, s)) => (Some(pb_digest(&d)), Some(s)),
-            None => (None, None),
-        };
-        let chunk = BlobChunk {
-            digest,
-            size,
-            data: std::mem::take(&mut self.buf),
-        };
-        self.tx
-            .blocking_send(Ok(chunk))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "receiver gone"))
-    }
-}
-
-impl std::io::Write for ChunkSink<'_> {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        let room = CHUNK - self.buf.len();
-        let n = room.min(data.len());
-        self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() == CHUNK {
-            self.flush_chunk()?;
-        }
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Reads a whole downloaded stream into `out`, checking the digest announced by the first
-/// chunk (the client side of [`ContentServer::download_blob`]).
-pub async fn receive_blob(
-    mut stream: Streaming<BlobChunk>,
-    out: &mut (dyn std::io::Write + Send),
-) -> Result<(BlobDigest, u64), Status> {
-    let mut hasher = blake3::Hasher::new();
-    let mut expected = None;
-    let mut total = 0u64;
-    while let Some(chunk) = stream.message().await? {
-        if expected.is_none() {
-            expected = Some(parse_digest(chunk.digest.as_ref())?);
-        }
-        hasher.update(&chunk.data);
-        out.write_all(&chunk.data)
-            .map_err(|e| Status::internal(e.to_string()))?;
-        total += chunk.data.len() as u64;
-    }
-    let expected = expected.ok_or_else(|| Status::data_loss("empty blob stream"))?;
-    let actual = BlobDigest::from(hasher.finalize());
-    if actual != expected {
-        return Err(Status::data_loss(format!(
-            "blob {expected} arrived as {actual}: discarded"
-        )));
-    }
-    Ok((expected, total))
-}
-
-/// Splits a reader into upload chunks, the first naming the digest and size.
-pub fn upload_chunks(
-    digest: BlobDigest,
-    size: u64,
-    mut reader: impl Read + Send + 'static,
-) -> mpsc::Receiver<BlobChunk> {
-    let (tx, rx) = mpsc::channel(4);
-    tokio::task::spawn_blocking(move || {
-        let mut first = true;
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            let mut filled = 0;
-            while filled < CHUNK {
-                match reader.read(&mut buf[filled..]) {
-                    Ok(0) => break,
-                    Ok(n) => filled += n,
-                    Err(_) => return,
-                }
-            }
-            if filled == 0 && !first {
-                return;
-            }
-            let chunk = BlobChunk {
-                digest: first.then(|| pb_digest(&digest)),
-                size: first.then_some(size),
-                data: buf[..filled].to_vec(),
-            };
-            first = false;
-            if tx.blocking_send(chunk).is_err() || filled < CHUNK {
-                return;
-            }
-        }
-    });
-    rx
 }

@@ -1,19 +1,15 @@
 //! gRPC services of the coordinator (package `dbuild.v1`): the transport only. The build
 //! logic lives in the scheduler and the worker pool; these files translate messages.
-pub mod auth;
 pub mod builds;
 pub mod cache;
 pub mod content;
 pub mod workers;
 
-pub use auth::Auth;
 pub use builds::BuildServer;
 pub use cache::CacheServer;
 pub use content::ContentServer;
+pub use wire::auth::Auth;
 pub use workers::WorkerServer;
-
-/// Largest chunk of a streamed blob (the default gRPC message limit is 4 MiB).
-pub const CHUNK: usize = 1 << 20;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -6,18 +6,19 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use proto::v1::worker_service_server::WorkerService;
 use proto::v1::{
-    task_report, ArtifactBlob, BaseImage, Document, HeartbeatRequest, HeartbeatResponse,
-    RegisterRequest, RegisterResponse, ResolveImages, ResolvedReport, ResolvedReportResponse,
-    StreamLogsResponse, TaskAssignment, TaskLog, TaskReport, TaskReportResponse, TasksRequest,
+    task_report, BaseImage, HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse,
+    ResolveImages, ResolvedReport, ResolvedReportResponse, StreamLogsResponse, TaskAssignment,
+    TaskLog, TaskReport, TaskReportResponse, TasksRequest,
 };
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::content::{parse_digest, pb_digest};
 use crate::cache::BlobRef;
-use crate::keys::StageKey;
-use crate::pool::{Artifact, Job, Report, Resolved, WorkerPool, HEARTBEAT_INTERVAL, LEASE_TIMEOUT};
-use crate::task::{StageError, StageResult};
+use crate::pool::{Job, Report, Resolved, WorkerPool, HEARTBEAT_INTERVAL, LEASE_TIMEOUT};
+use model::keys::StageKey;
+use model::task::{StageError, StageResult};
+use wire::blob::{artifact, parse_digest, pb_artifact, pb_digest};
+use wire::{document, from_document};
 
 pub struct WorkerServer {
     pool: Arc<WorkerPool>,
@@ -29,53 +30,10 @@ impl WorkerServer {
     }
 }
 
-/// Serializes a domain value as a versioned JSON document.
-pub fn document<T: serde::Serialize>(kind: &str, value: &T) -> Document {
-    Document {
-        kind: kind.to_string(),
-        json: serde_json::to_vec(value).expect("domain types serialize"),
-    }
-}
-
-/// Reads a document of the expected kind.
-pub fn from_document<T: serde::de::DeserializeOwned>(
-    kind: &str,
-    doc: Option<&Document>,
-) -> Result<T, Status> {
-    let doc = doc.ok_or_else(|| Status::invalid_argument(format!("missing {kind}")))?;
-    if doc.kind != kind {
-        return Err(Status::invalid_argument(format!(
-            "expected a {kind} document, got {}",
-            doc.kind
-        )));
-    }
-    serde_json::from_slice(&doc.json)
-        .map_err(|e| Status::invalid_argument(format!("bad {kind} document: {e}")))
-}
-
-pub fn pb_artifact(a: &Artifact) -> ArtifactBlob {
-    ArtifactBlob {
-        stage_key: a.stage_key.to_hex(),
-        path: a.path.clone(),
-        digest: crate::digest::BlobDigest::from_hex(&a.digest).map(|d| pb_digest(&d)),
-        size: a.size,
-    }
-}
-
-pub fn artifact(a: &ArtifactBlob) -> Result<Artifact, Status> {
-    Ok(Artifact {
-        stage_key: StageKey::from_hex(&a.stage_key)
-            .ok_or_else(|| Status::invalid_argument("bad stage key"))?,
-        path: a.path.clone(),
-        digest: parse_digest(a.digest.as_ref())?.to_hex(),
-        size: a.size,
-    })
-}
-
 pub fn pb_base_image(id: &str, b: &BlobRef) -> BaseImage {
     BaseImage {
         id: id.to_string(),
-        digest: crate::digest::BlobDigest::from_hex(&b.digest).map(|d| pb_digest(&d)),
+        digest: model::digest::BlobDigest::from_hex(&b.digest).map(|d| pb_digest(&d)),
         size: b.size,
     }
 }
@@ -103,7 +61,7 @@ fn assignment_message(job: Job) -> TaskAssignment {
             .map(|(id, b)| pb_base_image(id, b))
             .collect(),
         task_id: a.task_id,
-        task: Some(document("StageTask/1", &a.task)),
+        task: Some(document(&a.task)),
         export_image: a.export.image,
         export_paths: a.export.paths.into_iter().collect(),
         imports: a.imports.iter().map(pb_artifact).collect(),
@@ -113,7 +71,7 @@ fn assignment_message(job: Job) -> TaskAssignment {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-        manifest: Some(document("ContextManifest/1", &*a.inputs.manifest)),
+        manifest: Some(document(&*a.inputs.manifest)),
     }
 }
 
@@ -189,12 +147,8 @@ impl WorkerService for WorkerServer {
     ) -> Result<Response<TaskReportResponse>, Status> {
         let r = req.into_inner();
         let outcome = match &r.outcome {
-            Some(task_report::Outcome::Result(d)) => {
-                Ok(from_document::<StageResult>("StageResult/1", Some(d))?)
-            }
-            Some(task_report::Outcome::Error(d)) => {
-                Err(from_document::<StageError>("StageError/1", Some(d))?)
-            }
+            Some(task_report::Outcome::Result(d)) => Ok(from_document::<StageResult>(Some(d))?),
+            Some(task_report::Outcome::Error(d)) => Err(from_document::<StageError>(Some(d))?),
             None => {
                 return Err(Status::invalid_argument(
                     "a report needs a result or an error",

@@ -1,9 +1,8 @@
 //! The cache store: a small metadata index ([`Store`], sled behind a trait) and blobs as
 //! files named by their blake3 digest ([`BlobStore`]). Only the coordinator opens it.
-mod blobs;
 mod sled_store;
 
-pub use blobs::{BlobStore, BlobWriter};
+pub use model::blobs::{BlobError, BlobStore, BlobWriter};
 pub use sled_store::SledStore;
 
 /// A metadata tree of the index.
@@ -37,21 +36,13 @@ pub enum StoreError {
         path: std::path::PathBuf,
         message: String,
     },
-    #[error("blob {digest}: {source}")]
-    BlobIo {
-        digest: String,
-        source: std::io::Error,
-    },
     #[error("blob store {path}: {source}")]
     Io {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
-    /// The bytes did not hash to the name they were stored or sent under.
-    #[error("blob {expected} is corrupt: its content hashes to {actual}")]
-    Corrupt { expected: String, actual: String },
-    #[error("blob {0} is not in the store")]
-    Missing(String),
+    #[error(transparent)]
+    Blob(#[from] BlobError),
     /// Another process holds the index (sled allows one process per index).
     #[error("index {path} is in use by another process (one process per data dir): stop it, or give this command its own --data-dir")]
     Busy { path: std::path::PathBuf },

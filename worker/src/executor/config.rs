@@ -5,7 +5,7 @@
 //! left out, as BuildKit leaves them out.
 use std::collections::BTreeMap;
 
-use coordinator::frontend::instructions::{CommandLine, Healthcheck, Instruction};
+use model::frontend::instructions::{CommandLine, Healthcheck, Instruction};
 use serde::{Deserialize, Serialize};
 
 /// The PATH BuildKit puts into every stage whose base does not set one.

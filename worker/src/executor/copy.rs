@@ -10,9 +10,9 @@
 //! files from `--from` keep their owner unless `--chown`.
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use coordinator::context::{path_match, ContextManifest, IgnoreMatcher};
-use coordinator::keys::clean_source;
-use coordinator::task::StageError;
+use model::context::{path_match, ContextManifest, IgnoreMatcher};
+use model::keys::clean_source;
+use model::task::StageError;
 
 use super::config::clean_abs;
 use super::docker::Daemon;

@@ -22,8 +22,8 @@ use std::collections::BTreeSet;
 
 use bollard::models::ChangeType;
 use bollard::query_parameters::DownloadFromContainerOptionsBuilder;
-use coordinator::task::StageError;
 use futures::StreamExt;
+use model::task::StageError;
 
 use super::copy as cp;
 use super::docker::{derr, timed, Daemon};

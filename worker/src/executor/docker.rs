@@ -20,8 +20,8 @@ use bollard::query_parameters::{
     UploadToContainerOptionsBuilder,
 };
 use bollard::Docker;
-use coordinator::task::StageError;
 use futures::{FutureExt, StreamExt};
+use model::task::StageError;
 use serde_json::json;
 
 use super::config::ImageConfig;

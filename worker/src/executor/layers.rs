@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bollard::models::{ContainerCreateBody, HostConfig};
-use coordinator::task::StageError;
+use model::task::StageError;
 
 use super::config::ImageConfig;
 use super::copy::{self as cp, CopyPlanner};

@@ -25,14 +25,14 @@ use std::time::{Duration, Instant};
 
 use bollard::query_parameters::CreateImageOptionsBuilder;
 use bollard::Docker;
-use coordinator::frontend::instructions::{parse_instruction, Instruction};
-use coordinator::frontend::parser;
-use coordinator::keys::StageKey;
-use coordinator::task::{
+use futures::StreamExt;
+use model::frontend::instructions::{parse_instruction, Instruction};
+use model::frontend::parser;
+use model::keys::StageKey;
+use model::task::{
     instruction_image_tag, stage_image_tag, BuildInputs, Executor, StageError, StageLog,
     StageResult, StageTask, TaskBase,
 };
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -707,7 +707,7 @@ impl DockerExecutor {
         &self,
         st: &mut StageRun<'_>,
         raw: &Instruction,
-        ti: Option<&coordinator::task::TaskInstruction>,
+        ti: Option<&model::task::TaskInstruction>,
     ) -> Result<(), StageError> {
         let ins = st.vars.expand(raw, st.task.escape)?;
         docker::timed(ins.keyword(), self.dispatch(st, &ins, ti)).await?;
@@ -720,7 +720,7 @@ impl DockerExecutor {
         &self,
         st: &mut StageRun<'_>,
         ins: &Instruction,
-        ti: Option<&coordinator::task::TaskInstruction>,
+        ti: Option<&model::task::TaskInstruction>,
     ) -> Result<(), StageError> {
         match ins {
             Instruction::From(_) => Err(StageError::new("FROM inside a stage task")),

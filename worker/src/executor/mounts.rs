@@ -18,9 +18,9 @@ use bollard::models::{
     ContainerCreateBody, HostConfig, Mount as DockerMount, MountType as DockerMountType,
     MountVolumeOptions, VolumeCreateRequest,
 };
-use coordinator::digest::BlobDigest;
-use coordinator::frontend::instructions::{CacheSharing, MountType, Run};
-use coordinator::task::StageError;
+use model::digest::BlobDigest;
+use model::frontend::instructions::{CacheSharing, MountType, Run};
+use model::task::StageError;
 
 use super::config::clean_abs;
 use super::docker::{derr, is_not_found, Daemon, Resources};
@@ -351,7 +351,7 @@ pub async fn fill_volumes(
     res: &Resources,
     helper_image: &str,
     prep: Vec<MountPrep>,
-    ctx: Arc<dyn coordinator::task::ContextFiles>,
+    ctx: Arc<dyn model::task::ContextFiles>,
 ) -> Result<(), StageError> {
     if prep.is_empty() {
         return Ok(());

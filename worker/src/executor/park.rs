@@ -22,8 +22,8 @@ use std::collections::BTreeSet;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use coordinator::digest::BlobDigest;
-use coordinator::store::{BlobStore, StoreError};
+use model::blobs::{BlobError, BlobStore};
+use model::digest::BlobDigest;
 use serde::{Deserialize, Serialize};
 
 /// How old an archive no name points at must be before a sweep removes it.
@@ -76,7 +76,7 @@ pub struct Parked {
     archives: BlobStore,
 }
 
-fn store_err(e: StoreError) -> io::Error {
+fn store_err(e: BlobError) -> io::Error {
     io::Error::other(e)
 }
 

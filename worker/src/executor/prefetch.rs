@@ -5,9 +5,9 @@
 //! is kept and reported by the step it belongs to, only if that step runs.
 use std::collections::HashMap;
 
-use coordinator::frontend::instructions::Instruction;
-use coordinator::task::StageError;
 use futures::future::join_all;
+use model::frontend::instructions::Instruction;
+use model::task::StageError;
 
 use super::steps::{from_image, FromImage};
 use super::tree::SourceTree;

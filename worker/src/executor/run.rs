@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use bollard::models::{ContainerCreateBody, HostConfig, Mount as DockerMount};
 use bollard::query_parameters::{KillContainerOptionsBuilder, LogsOptionsBuilder};
-use coordinator::frontend::instructions::{HeredocBody, Run};
-use coordinator::frontend::parser::{chomp_heredoc_content, parse_heredoc};
-use coordinator::task::{StageError, StageLog};
 use futures::StreamExt;
+use model::frontend::instructions::{HeredocBody, Run};
+use model::frontend::parser::{chomp_heredoc_content, parse_heredoc};
+use model::task::{StageError, StageLog};
 use tokio_util::sync::CancellationToken;
 
 use super::config::ImageConfig;

@@ -2,8 +2,8 @@
 //! removing the mount points of single-file mounts that the runtime had to create.
 use std::collections::{BTreeMap, BTreeSet};
 
-use coordinator::frontend::instructions::{MountType, Run};
-use coordinator::task::{StageError, TaskInstruction};
+use model::frontend::instructions::{MountType, Run};
+use model::task::{StageError, TaskInstruction};
 
 use super::config::clean_abs;
 use super::copy as cp;

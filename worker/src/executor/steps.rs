@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 
 use bollard::models::ContainerCreateBody;
-use coordinator::context::IgnoreMatcher;
-use coordinator::frontend::instructions::Copy;
-use coordinator::frontend::parser::chomp_heredoc_content;
-use coordinator::task::{stage_image_tag, StageError, TaskInstruction, TaskSource};
+use model::context::IgnoreMatcher;
+use model::frontend::instructions::Copy;
+use model::frontend::parser::chomp_heredoc_content;
+use model::task::{stage_image_tag, StageError, TaskInstruction, TaskSource};
 
 use super::copy::{self as cp, CopyPlanner};
 use super::docker::ImageState;
@@ -223,7 +223,7 @@ impl DockerExecutor {
                 || out
                     .iter()
                     .any(|t| e.rel.starts_with(&format!("{}/", t.path)))
-                || !coordinator::context::path_match(&pattern, &e.rel).unwrap_or(false)
+                || !model::context::path_match(&pattern, &e.rel).unwrap_or(false)
             {
                 continue;
             }
@@ -401,7 +401,7 @@ impl DockerExecutor {
                     if matches.is_empty() {
                         return Err(StageError::new(format!(
                             "failed to compute cache key: \"/{}\": not found",
-                            coordinator::keys::clean_source(&path)
+                            model::keys::clean_source(&path)
                         )));
                     }
                     for m in matches {
@@ -548,7 +548,7 @@ impl DockerExecutor {
 fn heredoc_source<'c>(
     src: &str,
     c: &'c Copy,
-) -> Option<&'c coordinator::frontend::instructions::HeredocBody> {
+) -> Option<&'c model::frontend::instructions::HeredocBody> {
     let rest = src.strip_prefix("<<")?;
     let name = rest
         .trim_start_matches('-')
@@ -566,7 +566,7 @@ pub(super) fn check_from_contents(
     trees: &[SourceTree],
 ) -> Result<(), StageError> {
     let Some(expected) = ti.and_then(|t| {
-        let p = coordinator::keys::content_path(src)?;
+        let p = model::keys::content_path(src)?;
         t.from_contents.get(&p)
     }) else {
         return Ok(());

@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::sync::Arc;
 
-use coordinator::context::{ContextManifest, EntryKind};
-use coordinator::keys::clean_source;
-use coordinator::task::ContextFiles;
+use model::context::{ContextManifest, EntryKind};
+use model::keys::clean_source;
+use model::task::ContextFiles;
 
 /// Where a file's bytes come from.
 #[derive(Debug, Clone)]
@@ -62,7 +62,7 @@ impl SourceTree {
 pub fn follow_context<'m>(
     manifest: &'m ContextManifest,
     path: &str,
-) -> Result<Option<&'m coordinator::context::ManifestEntry>, String> {
+) -> Result<Option<&'m model::context::ManifestEntry>, String> {
     let mut p = path.to_string();
     for _ in 0..32 {
         match manifest.get(&p) {
@@ -137,7 +137,7 @@ pub fn context_tree(manifest: &ContextManifest, src: &str) -> Result<SourceTree,
     })
 }
 
-fn entry_kind(e: &coordinator::context::ManifestEntry) -> Kind {
+fn entry_kind(e: &model::context::ManifestEntry) -> Kind {
     match &e.kind {
         EntryKind::Dir => Kind::Dir,
         EntryKind::File { size, .. } => Kind::File(Content::Context(e.path.clone(), *size)),
@@ -471,7 +471,7 @@ mod tests {
             ),
         ]
         .into();
-        let ctx = coordinator::task::LocalContext {
+        let ctx = model::task::LocalContext {
             root: std::path::PathBuf::from("/nonexistent"),
         };
         let tar = write_tar(Vec::new(), &nodes, &ctx).unwrap();

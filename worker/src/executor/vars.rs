@@ -11,9 +11,9 @@
 //! therefore resolves every ARG itself as the stage proceeds (see [`StageVars::track`]).
 use std::collections::BTreeMap;
 
-use coordinator::frontend::expand::{Lexer, VarLookup};
-use coordinator::frontend::instructions::{ArgDecl, Instruction};
-use coordinator::task::StageError;
+use model::frontend::expand::{Lexer, VarLookup};
+use model::frontend::instructions::{ArgDecl, Instruction};
+use model::task::StageError;
 
 use super::config::{ImageConfig, DEFAULT_PATH};
 

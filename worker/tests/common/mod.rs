@@ -12,16 +12,16 @@ use bollard::query_parameters::{
     CreateImageOptionsBuilder, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
     ListVolumesOptionsBuilder,
 };
-use coordinator::context::{scan, ScanOptions};
-use coordinator::frontend::parser::parse;
-use coordinator::frontend::plan::{plan, PlanOptions};
-use coordinator::keys::compute_keys;
 use coordinator::scheduler::{external_images, stage_task, BuildRequest, PinnedImages};
-use coordinator::task::{
+use futures::StreamExt;
+use model::context::{scan, ScanOptions};
+use model::frontend::parser::parse;
+use model::frontend::plan::{plan, PlanOptions};
+use model::keys::compute_keys;
+use model::task::{
     stage_image_tag, BuildInputs, Executor, LocalContext, StageError, StageLog, StageResult,
     StageTask,
 };
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use worker::DockerExecutor;
 
@@ -184,6 +184,7 @@ pub async fn tasks_with(
         no_cache: true,
         no_cache_stages: Default::default(),
         network: None,
+        exports: Default::default(),
     };
     let out = req
         .plan

@@ -1,9 +1,9 @@
 //! Cache keys: what they cover, what they ignore, how they chain and explain themselves.
-use coordinator::context::{ContextManifest, EntryKind, ManifestEntry};
-use coordinator::digest::BlobDigest;
-use coordinator::frontend::parser::parse;
-use coordinator::frontend::plan::{plan, PlanOptions, Platform};
-use coordinator::keys::{
+use model::context::{ContextManifest, EntryKind, ManifestEntry};
+use model::digest::BlobDigest;
+use model::frontend::parser::parse;
+use model::frontend::plan::{plan, PlanOptions, Platform};
+use model::keys::{
     compute_keys, match_sources, rekey_stage, BaseResolver, NoContents, StageKeys, Unresolved,
 };
 
@@ -247,7 +247,7 @@ fn a_from_stage_read_is_keyed_on_its_content_once_known() {
     // Without contents, re-keying changes nothing.
     let same = rekey_stage(&p, 2, &ks, &m, &Unresolved, &NoContents);
     assert_eq!(same.key, ks[2].key);
-    let paths = coordinator::keys::content_paths(&p);
+    let paths = model::keys::content_paths(&p);
     assert_eq!(paths[&0].iter().collect::<Vec<_>>(), ["/out", "/out/*"]);
     assert_eq!(paths[&1].iter().collect::<Vec<_>>(), ["/x"]);
     let contents = |out: &str| {
@@ -274,7 +274,7 @@ fn a_from_stage_read_is_keyed_on_its_content_once_known() {
     assert!(mount.contains(&"mount from stage b /x"), "{mount:?}");
     // The same content whatever stage a's key: the same key; other content: another.
     let mut moved = ks.clone();
-    moved[0].key = coordinator::keys::StageKey([7; 32]);
+    moved[0].key = model::keys::StageKey([7; 32]);
     assert_eq!(
         rekey_stage(&p, 2, &moved, &m, &Unresolved, &contents("1")).key,
         k1.key

@@ -1,7 +1,7 @@
 //! Property tests for the shell-word expander.
 use std::collections::BTreeMap;
 
-use coordinator::frontend::expand::Lexer;
+use model::frontend::expand::Lexer;
 use proptest::prelude::*;
 
 fn vars(name: &str, value: &str) -> BTreeMap<String, String> {

@@ -1,7 +1,29 @@
-//! The one authentication layer every RPC passes. Open when no token is configured; with
-//! a token, a request must carry `authorization: Bearer <token>` (compared in constant
-//! time).
+//! The one authentication layer every RPC passes ([`Auth`], on the coordinator), and
+//! the client side of it ([`Bearer`]). Open when no token is configured; with a token, a
+//! request must carry `authorization: Bearer <token>` (compared in constant time).
 use tonic::{Request, Status};
+
+/// Adds `authorization: Bearer <token>` to every request when a token is set.
+#[derive(Clone)]
+pub struct Bearer(Option<String>);
+
+impl Bearer {
+    pub fn new(token: Option<String>) -> Self {
+        Bearer(token)
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(t) = &self.0 {
+            let v = format!("Bearer {t}")
+                .parse()
+                .map_err(|_| Status::invalid_argument("token is not a valid header"))?;
+            req.metadata_mut().insert("authorization", v);
+        }
+        Ok(req)
+    }
+}
 
 #[derive(Clone, Default)]
 pub struct Auth {

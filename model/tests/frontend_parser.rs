@@ -1,7 +1,7 @@
 //! Focused tests for the BuildKit-compatible Dockerfile parser and its dump.
 
-use coordinator::frontend::dump::{dump, dump_node, go_quote};
-use coordinator::frontend::parser::{parse, parse_heredoc, Dockerfile, Node, ParseError};
+use model::frontend::dump::{dump, dump_node, go_quote};
+use model::frontend::parser::{parse, parse_heredoc, Dockerfile, Node, ParseError};
 
 fn ok(src: &str) -> Dockerfile {
     parse(src.as_bytes()).unwrap_or_else(|e| panic!("{src:?} failed: {e}"))

@@ -1,9 +1,9 @@
 //! Stages, ARG scoping, `--from` resolution, target and reachability.
 use std::collections::BTreeMap;
 
-use coordinator::frontend::instructions::Instruction;
-use coordinator::frontend::parser::parse;
-use coordinator::frontend::plan::{plan, Plan, PlanError, PlanOptions, Platform, StageRef};
+use model::frontend::instructions::Instruction;
+use model::frontend::parser::parse;
+use model::frontend::plan::{plan, Plan, PlanError, PlanOptions, Platform, StageRef};
 
 fn opts(target: Option<&str>, args: &[(&str, &str)]) -> PlanOptions {
     PlanOptions {

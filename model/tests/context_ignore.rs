@@ -1,7 +1,7 @@
 //! `.dockerignore` semantics: Docker's documented examples, moby/patternmatcher's and Go's
 //! `filepath.Match` test tables, and properties.
-use coordinator::context::ignore::{clean_path, parse_dockerignore, MatchInfo};
-use coordinator::context::{path_match, read_ignore_patterns, ContextError, IgnoreMatcher};
+use model::context::ignore::{clean_path, parse_dockerignore, MatchInfo};
+use model::context::{path_match, read_ignore_patterns, ContextError, IgnoreMatcher};
 use proptest::prelude::*;
 
 fn matcher(dockerignore: &str) -> IgnoreMatcher {

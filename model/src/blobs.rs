@@ -4,8 +4,27 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use super::StoreError;
 use crate::digest::BlobDigest;
+
+/// What can go wrong with a blob file.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    #[error("blob {digest}: {source}")]
+    BlobIo {
+        digest: String,
+        source: std::io::Error,
+    },
+    #[error("blob store {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// The bytes did not hash to the name they were stored or sent under.
+    #[error("blob {expected} is corrupt: its content hashes to {actual}")]
+    Corrupt { expected: String, actual: String },
+    #[error("blob {0} is not in the store")]
+    Missing(String),
+}
 
 /// Content-addressed files under one directory: `<dir>/<first 2 hex>/<64 hex>`.
 #[derive(Debug, Clone)]
@@ -14,9 +33,9 @@ pub struct BlobStore {
 }
 
 impl BlobStore {
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    pub fn open(dir: &Path) -> Result<Self, BlobError> {
         for d in [dir.to_path_buf(), dir.join("tmp")] {
-            fs::create_dir_all(&d).map_err(|source| StoreError::Io { path: d, source })?;
+            fs::create_dir_all(&d).map_err(|source| BlobError::Io { path: d, source })?;
         }
         Ok(BlobStore {
             dir: dir.to_path_buf(),
@@ -43,11 +62,11 @@ impl BlobStore {
     }
 
     /// Starts writing a blob; `expected` (when known) is checked before the blob is kept.
-    pub fn writer(&self, expected: Option<BlobDigest>) -> Result<BlobWriter, StoreError> {
+    pub fn writer(&self, expected: Option<BlobDigest>) -> Result<BlobWriter, BlobError> {
         let tmp = tempfile::Builder::new()
             .prefix("upload-")
             .tempfile_in(self.dir.join("tmp"))
-            .map_err(|source| StoreError::Io {
+            .map_err(|source| BlobError::Io {
                 path: self.dir.join("tmp"),
                 source,
             })?;
@@ -61,9 +80,9 @@ impl BlobStore {
     }
 
     /// Stores `bytes`, returning their digest.
-    pub fn put(&self, bytes: &[u8]) -> Result<BlobDigest, StoreError> {
+    pub fn put(&self, bytes: &[u8]) -> Result<BlobDigest, BlobError> {
         let mut w = self.writer(None)?;
-        w.write_all(bytes).map_err(|source| StoreError::Io {
+        w.write_all(bytes).map_err(|source| BlobError::Io {
             path: self.dir.clone(),
             source,
         })?;
@@ -73,15 +92,15 @@ impl BlobStore {
     /// Copies a stored blob to `out`, verifying it. On a mismatch the blob is deleted (it
     /// can never be served again) and `Corrupt` is returned: whatever `out` received must
     /// then be discarded.
-    pub fn copy_to(&self, d: &BlobDigest, out: &mut dyn Write) -> Result<u64, StoreError> {
-        let io_err = |source| StoreError::BlobIo {
+    pub fn copy_to(&self, d: &BlobDigest, out: &mut dyn Write) -> Result<u64, BlobError> {
+        let io_err = |source| BlobError::BlobIo {
             digest: d.to_hex(),
             source,
         };
         let mut f = match File::open(self.path(d)) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(StoreError::Missing(d.to_hex()))
+                return Err(BlobError::Missing(d.to_hex()))
             }
             Err(e) => return Err(io_err(e)),
         };
@@ -101,7 +120,7 @@ impl BlobStore {
         if actual != *d {
             let _ = fs::remove_file(self.path(d));
             tracing::error!(blob = %d, actual = %actual, "corrupt blob removed");
-            return Err(StoreError::Corrupt {
+            return Err(BlobError::Corrupt {
                 expected: d.to_hex(),
                 actual: actual.to_hex(),
             });
@@ -110,7 +129,7 @@ impl BlobStore {
     }
 
     /// Reads a whole blob, verified.
-    pub fn read(&self, d: &BlobDigest) -> Result<Vec<u8>, StoreError> {
+    pub fn read(&self, d: &BlobDigest) -> Result<Vec<u8>, BlobError> {
         let mut v = Vec::new();
         self.copy_to(d, &mut v)?;
         Ok(v)
@@ -118,24 +137,24 @@ impl BlobStore {
 
     /// A stored blob to read from, checked first (a corrupt one is deleted): for blobs too
     /// large to hold in memory. Blobs are immutable once stored.
-    pub fn open_verified(&self, d: &BlobDigest) -> Result<fs::File, StoreError> {
+    pub fn open_verified(&self, d: &BlobDigest) -> Result<fs::File, BlobError> {
         self.verify(d)?;
-        fs::File::open(self.path(d)).map_err(|source| StoreError::BlobIo {
+        fs::File::open(self.path(d)).map_err(|source| BlobError::BlobIo {
             digest: d.to_hex(),
             source,
         })
     }
 
     /// Checks a blob without keeping its bytes; a corrupt one is deleted.
-    pub fn verify(&self, d: &BlobDigest) -> Result<(), StoreError> {
+    pub fn verify(&self, d: &BlobDigest) -> Result<(), BlobError> {
         self.copy_to(d, &mut io::sink()).map(|_| ())
     }
 
-    pub fn remove(&self, d: &BlobDigest) -> Result<bool, StoreError> {
+    pub fn remove(&self, d: &BlobDigest) -> Result<bool, BlobError> {
         match fs::remove_file(self.path(d)) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(source) => Err(StoreError::BlobIo {
+            Err(source) => Err(BlobError::BlobIo {
                 digest: d.to_hex(),
                 source,
             }),
@@ -151,9 +170,9 @@ impl BlobStore {
     }
 
     /// Every stored blob's digest and size.
-    pub fn list(&self) -> Result<Vec<(BlobDigest, u64)>, StoreError> {
+    pub fn list(&self) -> Result<Vec<(BlobDigest, u64)>, BlobError> {
         let mut out = Vec::new();
-        let rd = fs::read_dir(&self.dir).map_err(|source| StoreError::Io {
+        let rd = fs::read_dir(&self.dir).map_err(|source| BlobError::Io {
             path: self.dir.clone(),
             source,
         })?;
@@ -195,11 +214,11 @@ impl Write for BlobWriter {
 impl BlobWriter {
     /// Verifies the digest, fsyncs and renames into place. Returns the digest, the size and
     /// whether the blob was new.
-    pub fn commit(mut self) -> Result<(BlobDigest, u64, bool), StoreError> {
+    pub fn commit(mut self) -> Result<(BlobDigest, u64, bool), BlobError> {
         let actual = BlobDigest::from(self.hasher.finalize());
         if let Some(e) = self.expected {
             if e != actual {
-                return Err(StoreError::Corrupt {
+                return Err(BlobError::Corrupt {
                     expected: e.to_hex(),
                     actual: actual.to_hex(),
                 });
@@ -209,7 +228,7 @@ impl BlobWriter {
         if dest.is_file() {
             return Ok((actual, self.size, false));
         }
-        let io_err = |source| StoreError::BlobIo {
+        let io_err = |source| BlobError::BlobIo {
             digest: actual.to_hex(),
             source,
         };

@@ -1,8 +1,8 @@
 //! Context scanning: manifest contents, `.dockerignore` application, the stat cache.
-use coordinator::context::{
+use model::context::{
     scan, stat_cache_path, ContextError, ContextManifest, EntryKind, ScanOptions, ScanStats,
 };
-use coordinator::digest::BlobDigest;
+use model::digest::BlobDigest;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, PermissionsExt};

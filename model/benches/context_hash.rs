@@ -6,7 +6,7 @@
 //! shrinks both the file count and the bytes. Prints a Markdown table. The files were just
 //! written, so every "cold" number is cold for dbuild (no stat cache) but *warm for the OS
 //! page cache*: it measures hashing and walking, not the disk.
-use coordinator::context::{scan, ScanOptions};
+use model::context::{scan, ScanOptions};
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};

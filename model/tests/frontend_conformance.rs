@@ -7,8 +7,8 @@
 //! - `lines`: it must parse, and each instruction must span the `start end` lines given;
 //! - neither, inside a directory whose name contains `negative`: parsing must fail.
 
-use coordinator::frontend::dump::dump;
-use coordinator::frontend::parser::parse;
+use model::frontend::dump::dump;
+use model::frontend::parser::parse;
 use std::fs;
 use std::path::{Path, PathBuf};
 

@@ -1,7 +1,7 @@
 //! What the scheduler hands an executor, and what comes back. The same types travel to
 //! remote workers over gRPC (issue #4), so everything here is plain data; the build's
 //! context files and secrets reach the executor through [`BuildInputs`].
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -117,6 +117,11 @@ pub struct StageTask {
     /// executor may keep its images off the daemon until something asks for them there.
     #[serde(default)]
     pub park: bool,
+    /// What this build's consumers need the stage to leave behind (a farm: the image
+    /// and/or copied paths in the blob store; one daemon: nothing beyond its image). A
+    /// cache record is a hit only when it holds this.
+    #[serde(default)]
+    pub export: Export,
 }
 
 impl StageTask {
@@ -167,7 +172,7 @@ impl ContextFiles for LocalContext {
 
 /// The context as blobs named by the manifest (a coordinator's store, a worker's cache).
 pub struct BlobContext {
-    pub blobs: crate::store::BlobStore,
+    pub blobs: crate::blobs::BlobStore,
     pub manifest: Arc<ContextManifest>,
 }
 
@@ -185,6 +190,25 @@ impl ContextFiles for BlobContext {
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(Box::new(std::io::Cursor::new(bytes)))
     }
+}
+
+/// What a finished stage must leave in the blob store for the stages that consume it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Export {
+    /// The whole image (FROM consumers, the target).
+    pub image: bool,
+    /// Paths of its filesystem (COPY --from / RUN --mount from= consumers).
+    pub paths: BTreeSet<String>,
+}
+
+/// An artifact of a stage in the blob store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Artifact {
+    pub stage_key: StageKey,
+    /// Empty for the image.
+    pub path: String,
+    pub digest: String,
+    pub size: u64,
 }
 
 /// Everything about a build that is not plain data: its files and secrets.
@@ -260,20 +284,10 @@ pub trait Executor: Send + Sync {
     /// The image id of the stage result with this key, if the executor still holds it.
     async fn stage_image(&self, key: &StageKey) -> Option<String>;
 
-    /// What this build's consumers of the stage need from a cache record (a farm needs
-    /// the exported image and/or paths; one daemon needs nothing but the image it has).
-    fn needs(&self, _task: &StageTask) -> crate::cache::Export {
-        crate::cache::Export::default()
-    }
-
     /// The image that stands in for a cache record's stage here, if any. By default the
     /// executor's own image under the key, which may be another image than the record's
     /// (rebuilt by another process); `None` when it holds none.
-    async fn held_image(
-        &self,
-        task: &StageTask,
-        _record: &crate::cache::StageRecord,
-    ) -> Option<String> {
+    async fn held_image(&self, task: &StageTask, _record_image_id: &str) -> Option<String> {
         self.stage_image(&task.key).await
     }
 
