@@ -9,6 +9,7 @@ pub mod blobs;
 pub mod context;
 pub mod digest;
 pub mod frontend;
+pub mod ids;
 pub mod image_parts;
 pub mod keys;
 pub mod task;

@@ -3,7 +3,7 @@
 //!
 //! - [`doc`]: domain values as versioned JSON documents, each type with its kind a
 //!   constant ([`doc::Doc`]), so the Rust types stay the one definition.
-//! - [`ids`]: `BuildId`, `TaskId`, `WorkerId`.
+//! - [`ids`]: `BuildId`, `TaskId`, `WorkerId` (from `model`, whose tasks carry them).
 //! - [`blob`]: chunked blob transfer (≤ [`blob::CHUNK`] a message), verified on receipt.
 //! - [`client`]: the gRPC clients on one channel, with [`auth::Bearer`].
 //! - [`auth`]: the bearer token check every RPC passes, and the client side of it.
@@ -11,8 +11,8 @@ pub mod auth;
 pub mod blob;
 pub mod client;
 pub mod doc;
-pub mod ids;
 
 pub use client::{Clients, ConnectError};
 pub use doc::{document, from_document, Doc};
-pub use ids::{BuildId, TaskId, WorkerId};
+/// The ids that cross the wire (defined with the tasks that carry them).
+pub use model::ids::{self, BuildId, TaskId, WorkerId};
