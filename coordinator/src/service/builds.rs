@@ -116,7 +116,7 @@ impl BuildServer {
             self.pool
                 .pin_images(&references, r.pull)
                 .await
-                .map_err(Status::failed_precondition)?,
+                .map_err(|e| Status::failed_precondition(e.to_string()))?,
         );
         // Keys are derived here from content the store can verify; never from the client.
         let keys = compute_keys(&plan, &manifest, &pinned);

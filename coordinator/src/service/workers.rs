@@ -43,7 +43,7 @@ fn assignment_message(job: Job) -> TaskAssignment {
         Job::Stage(a) => *a,
         Job::Resolve(r) => {
             return TaskAssignment {
-                task_id: r.task_id,
+                task_id: r.task_id.0,
                 resolve: Some(ResolveImages {
                     references: r.references,
                     pull: r.pull,
@@ -60,7 +60,7 @@ fn assignment_message(job: Job) -> TaskAssignment {
             .iter()
             .map(|(id, b)| pb_base_image(id, b))
             .collect(),
-        task_id: a.task_id,
+        task_id: a.task_id.0,
         task: Some(document(&a.task)),
         export_image: a.export.image,
         export_paths: a.export.paths.into_iter().collect(),
@@ -97,7 +97,7 @@ impl WorkerService for WorkerServer {
             .register(&r.name, &r.address, r.slots.max(1) as usize, holds);
         tracing::info!(worker = %r.name, slots = r.slots, "worker registered");
         Ok(Response::new(RegisterResponse {
-            worker_id: id,
+            worker_id: id.0,
             heartbeat_interval_ms: HEARTBEAT_INTERVAL.as_millis() as u32,
             lease_timeout_ms: LEASE_TIMEOUT.as_millis() as u32,
         }))
