@@ -2,6 +2,7 @@
 //! stage cache over the index (`store`), build history and explain, and the gRPC
 //! services. The build model (frontend, context, keys, tasks) is the `model` crate; what
 //! crosses the wire is the `wire` crate. It never talks to Docker.
+pub mod build;
 pub mod cache;
 pub mod explain;
 pub mod pool;

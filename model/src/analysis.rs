@@ -58,7 +58,16 @@ pub fn plan_dockerfile(dockerfile: &Path, options: &PlanOptions) -> Result<Plan,
         path: dockerfile.to_path_buf(),
         source,
     })?;
-    let df = parser::parse(&bytes).map_err(|e| AnalysisError::Dockerfile {
+    plan_source(&bytes, dockerfile, options)
+}
+
+/// Parses and plans a Dockerfile's bytes; errors name `dockerfile` and the line.
+pub fn plan_source(
+    bytes: &[u8],
+    dockerfile: &Path,
+    options: &PlanOptions,
+) -> Result<Plan, AnalysisError> {
+    let df = parser::parse(bytes).map_err(|e| AnalysisError::Dockerfile {
         path: dockerfile.to_path_buf(),
         line: Some(e.line),
         message: e.message,

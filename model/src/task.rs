@@ -88,7 +88,7 @@ pub struct TaskInstruction {
 /// One stage to build.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StageTask {
-    pub build_id: String,
+    pub build_id: crate::ids::BuildId,
     pub stage: usize,
     pub name: Option<String>,
     pub key: StageKey,
@@ -280,6 +280,21 @@ pub trait Executor: Send + Sync {
     /// Pins an external image reference to an immutable id, pulling it when it is missing
     /// (always when `pull`). The error says which image is missing and how to provide it.
     async fn resolve_image(&self, reference: &str, pull: bool) -> Result<String, StageError>;
+
+    /// Pins every reference (as [`Executor::resolve_image`]), all or nothing: reference →
+    /// id. An executor that can pin many at once (a farm's resolve job) overrides it.
+    async fn pin_images(
+        &self,
+        references: &[String],
+        pull: bool,
+    ) -> Result<BTreeMap<String, String>, StageError> {
+        let mut pinned = BTreeMap::new();
+        for reference in references {
+            let id = self.resolve_image(reference, pull).await?;
+            pinned.insert(reference.clone(), id);
+        }
+        Ok(pinned)
+    }
 
     /// The image id of the stage result with this key, if the executor still holds it.
     async fn stage_image(&self, key: &StageKey) -> Option<String>;

@@ -5,7 +5,6 @@
 //! the Dockerfile.
 use std::path::Path;
 
-pub use coordinator::explain::{remember, why_rebuilt};
 use coordinator::store::SledStore;
 
 /// Opens the index; `None` (with a warning) when it is busy or unusable, since history

@@ -5,14 +5,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use coordinator::build::{BuildOptions, Session};
 use coordinator::cache::StageCache;
-use coordinator::scheduler::{external_images, BuildError, BuildRequest, PinnedImages, Scheduler};
+use coordinator::scheduler::{BuildError, PinnedImages};
 use coordinator::store::Store;
-use model::keys::compute_keys;
+use model::ids::BuildId;
 use model::task::{BuildInputs, Executor, LocalContext};
 use tokio_util::sync::CancellationToken;
 
-use super::history::{dockerfile_id, open_index, remember, why_rebuilt};
+use super::history::{dockerfile_id, open_index};
 use super::spec::{data_dir, BuildSpec};
 use crate::output::{self, Output};
 use crate::progress::{self, ProgressMode};
@@ -141,53 +142,57 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
             .with_scratch_dir(&data.join("tmp"))
             .with_park_dir(&data.join(worker::executor::park::DIR)),
     );
-    let executor: Arc<dyn Executor> = Arc::clone(&local) as Arc<dyn Executor>;
-    let (pinned, keys) = pin_and_key(&*executor, &analysis, args.pull).await?;
-    let history = open_index(&data);
-    let history_id = dockerfile_id(&dockerfile);
-    let why = history
-        .as_ref()
-        .map(|h| why_rebuilt(&**h, &history_id, &analysis.plan, &keys))
-        .unwrap_or_default();
-    let no_cache_stages = analysis
-        .plan
-        .stage_indices(&args.no_cache_filter)
-        .map_err(|e| anyhow::anyhow!(e))?;
-    let plan = Arc::new(analysis.plan);
-    let request = BuildRequest {
-        build_id: format!("{}-{}", std::process::id(), keys[plan.target].key.to_hex()),
-        plan: Arc::clone(&plan),
-        keys: Arc::new(keys),
-        pinned,
-        no_cache: args.no_cache,
-        no_cache_stages,
-        network: (args.network != "default").then(|| args.network.clone()),
-        // One daemon holds every stage's image: nothing more is exported.
-        exports: BTreeMap::new(),
-    };
-    let inputs = BuildInputs {
-        manifest: Arc::new(analysis.manifest),
-        context: Arc::new(LocalContext { root: context_dir }),
-        secrets: Arc::new(secrets),
-    };
     let jobs = args
         .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let mut session = Session::new(Arc::clone(&local) as Arc<dyn Executor>, jobs)
+        .with_single_flight(data.join("locks"));
     // The stage cache shares the index with the history; another dbuild holding the
     // index means this build neither counts nor records (the daemon's images still hit).
-    let mut scheduler =
-        Scheduler::new(Arc::clone(&executor), jobs).with_single_flight(data.join("locks"));
+    let history = open_index(&data);
     let mut cache: Option<Arc<StageCache>> = None;
     if let Some(index) = &history {
+        session = session.with_history(Arc::clone(index) as Arc<dyn Store>);
         match StageCache::new(Arc::clone(index) as Arc<dyn Store>, None) {
             Ok(c) => {
                 let c = Arc::new(c);
-                scheduler = scheduler.with_cache(Arc::clone(&c));
+                session = session.with_cache(Arc::clone(&c)).with_cap(cache_cap());
                 cache = Some(c);
             }
             Err(e) => tracing::warn!(error = %e, "stage cache unavailable for this build"),
         }
     }
+    let options = BuildOptions {
+        no_cache: args.no_cache,
+        no_cache_filter: args.no_cache_filter.clone(),
+        pull: args.pull,
+        network: args.network.parse()?,
+        export_target_image: false,
+    };
+    let mut prepared = session
+        .prepare(
+            BuildId::default(),
+            analysis.plan,
+            analysis.manifest,
+            &options,
+        )
+        .await?;
+    let plan = Arc::clone(&prepared.request.plan);
+    prepared.request.build_id = BuildId(format!(
+        "{}-{}",
+        std::process::id(),
+        prepared.keys[plan.target].key.to_hex()
+    ));
+    let history_id = dockerfile_id(&dockerfile);
+    let why = history
+        .as_ref()
+        .map(|h| prepared.why_rebuilt(&**h, &history_id))
+        .unwrap_or_default();
+    let inputs = BuildInputs {
+        manifest: Arc::clone(&prepared.manifest),
+        context: Arc::new(LocalContext { root: context_dir }),
+        secrets: Arc::new(secrets),
+    };
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let renderer = tokio::spawn(progress::render(
         args.progress,
@@ -202,12 +207,14 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
             on_ctrl_c.cancel();
         }
     });
-    let result = scheduler.run(&request, inputs, events_tx, cancel).await;
+    let result = session
+        .run(&prepared, inputs, Some(&history_id), events_tx, cancel)
+        .await;
     // Stage images are written in the background; all of them are on the daemon before
     // the output reads one or the process ends (a failed build keeps what it built).
     let written = local.settle_all().await;
     let _ = renderer.await;
-    let outcome = match result {
+    let ran = match result {
         Ok(o) => o,
         Err(BuildError::Cancelled) => bail!("build cancelled"),
         Err(BuildError::Stage { name, error, .. }) => {
@@ -220,6 +227,7 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
             ))
         }
     };
+    let outcome = ran.outcome;
     written.map_err(|e| anyhow::anyhow!(e.message))?;
     // A target found in the cache may be parked (built before as a stage only copied
     // from): the output needs it on the daemon.
@@ -228,10 +236,6 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
             .settle(&outcome.image_id)
             .await
             .map_err(|e| anyhow::anyhow!(e.message))?;
-    }
-    if let Some(h) = &history {
-        let built = outcome.results.keys().chain(&outcome.cached).copied();
-        remember(&**h, &history_id, &plan, &request.keys, built);
     }
     output::deliver(
         args.docker_host.as_deref(),
@@ -244,8 +248,13 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
         std::fs::write(path, &outcome.image_id)
             .with_context(|| format!("writing --iidfile {}", path.display()))?;
     }
-    if let Some(c) = &cache {
-        cap_local_cache(c, args.docker_host.as_deref(), &data).await;
+    // The cap evicted these records after the build; their images go from the daemon.
+    if let (Some(report), Some(_)) = (&ran.evicted, &cache) {
+        if let Err(e) =
+            super::cache::remove_images(args.docker_host.as_deref(), &data, report).await
+        {
+            tracing::warn!(error = %e, "could not remove the images of evicted stages");
+        }
     }
     Ok(Summary {
         built: outcome.results.len(),
@@ -256,54 +265,29 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
 /// The embedded cache's cap (`DBUILD_CACHE_MAX_SIZE`, default 20GB; `0` for none): past
 /// it, the least recently used stages go, records and daemon images, as `dbuild cache
 /// prune --keep-storage` would do. Sizes are the stage images' own sizes on the daemon.
-async fn cap_local_cache(cache: &StageCache, docker_host: Option<&str>, data: &std::path::Path) {
-    let cap = match std::env::var("DBUILD_CACHE_MAX_SIZE") {
+fn cache_cap() -> u64 {
+    match std::env::var("DBUILD_CACHE_MAX_SIZE") {
         Ok(s) => match coordinator::cache::parse_size(&s) {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(error = %e, "DBUILD_CACHE_MAX_SIZE ignored");
-                return;
+                0
             }
         },
         Err(_) => 20_000_000_000,
-    };
-    if cap == 0 || cache.stats().map(|s| s.bytes <= cap).unwrap_or(true) {
-        return;
-    }
-    let opts = coordinator::cache::PruneOptions {
-        keep_bytes: Some(cap),
-        ..Default::default()
-    };
-    match cache.prune(&opts) {
-        Ok(report) => {
-            if let Err(e) = super::cache::remove_images(docker_host, data, &report).await {
-                tracing::warn!(error = %e, "could not remove the images of evicted stages");
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "cache cap not enforced"),
     }
 }
 
 /// Pins every external image the build reads to its id on the executor's daemon (pulling
-/// per `pull`), then keys the plan with those ids.
+/// per `pull`), then keys the plan with those ids (as `submit` does, for `explain`).
 pub(crate) async fn pin_and_key(
-    executor: &dyn Executor,
+    executor: Arc<dyn Executor>,
     analysis: &model::analysis::Analysis,
     pull: bool,
 ) -> anyhow::Result<(PinnedImages, Vec<model::keys::StageKeys>)> {
-    let mut pinned = PinnedImages::default();
-    for reference in external_images(&analysis.plan) {
-        if reference.eq_ignore_ascii_case("scratch") {
-            continue;
-        }
-        let id = executor
-            .resolve_image(&reference, pull)
-            .await
-            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-        pinned.0.insert(reference, id);
-    }
-    let keys = compute_keys(&analysis.plan, &analysis.manifest, &pinned);
-    Ok((pinned, keys))
+    Ok(Session::new(executor, 1)
+        .pin_and_key(&analysis.plan, &analysis.manifest, pull)
+        .await?)
 }
 
 /// The one message a failed build ends with: stage, Dockerfile line, error, last log lines.

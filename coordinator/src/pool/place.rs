@@ -162,6 +162,17 @@ impl Executor for WorkerPool {
         Ok(reference.to_string())
     }
 
+    /// One resolve job on a live worker (then the next, for what it could not pin).
+    async fn pin_images(
+        &self,
+        references: &[String],
+        pull: bool,
+    ) -> Result<BTreeMap<String, String>, StageError> {
+        self.resolve_on_workers(references, pull)
+            .await
+            .map_err(|e| StageError::new(e.to_string()))
+    }
+
     async fn stage_image(&self, key: &StageKey) -> Option<String> {
         self.cache
             .get(key)

@@ -21,7 +21,7 @@ impl WorkerPool {
     /// it could not resolve, so a mixed farm resolves what any of its daemons holds. Waits
     /// for a worker when none is live. The error names each reference and every worker's
     /// answer.
-    pub async fn pin_images(
+    pub async fn resolve_on_workers(
         &self,
         references: &[String],
         pull: bool,

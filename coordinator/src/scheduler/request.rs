@@ -36,7 +36,7 @@ pub fn external_images(plan: &Plan) -> BTreeSet<String> {
 
 /// One build as the scheduler sees it.
 pub struct BuildRequest {
-    pub build_id: String,
+    pub build_id: model::ids::BuildId,
     pub plan: Arc<Plan>,
     /// Keys computed with `pinned` as the resolver.
     pub keys: Arc<Vec<StageKeys>>,

@@ -18,21 +18,24 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::build::{BuildOptions, Network, PrepareError, Session};
 use crate::explain::{self, CacheLookup};
 use crate::pool::{exports, WorkerPool};
-use crate::scheduler::{external_images, BuildRequest, PinnedImages, Scheduler};
+use crate::scheduler::PinnedImages;
 use crate::store::BlobStore;
+use crate::sync::lock;
+use model::analysis::{plan_source, AnalysisError};
 use model::context::{ContextManifest, EntryKind};
-use model::frontend::parser;
-use model::frontend::plan::{plan, Plan, PlanOptions, Platform};
-use model::keys::{compute_keys, StageKeys};
+use model::frontend::plan::{Plan, PlanOptions, Platform};
+use model::ids::BuildId;
+use model::keys::StageKeys;
 use model::task::{BlobContext, BuildInputs};
 use wire::{document, from_document};
 
 pub struct BuildServer {
     pool: Arc<WorkerPool>,
     blobs: BlobStore,
-    builds: Arc<Mutex<BTreeMap<String, CancellationToken>>>,
+    builds: Arc<Mutex<BTreeMap<BuildId, CancellationToken>>>,
     /// Single-flight locks, one per stage key being built.
     locks: std::path::PathBuf,
 }
@@ -48,7 +51,7 @@ impl BuildServer {
     }
 }
 
-fn event(build_id: &str, json: serde_json::Value) -> PbEvent {
+fn event(build_id: &BuildId, json: serde_json::Value) -> PbEvent {
     PbEvent {
         build_id: build_id.to_string(),
         json: serde_json::to_vec(&json).expect("json"),
@@ -68,16 +71,22 @@ struct Keyed {
 }
 
 impl BuildServer {
-    /// Plans the request's Dockerfile, has a worker pin its base images and keys it. Keys
-    /// are derived here from the manifest, never taken from the client; no blob is needed.
-    async fn key_request(&self, r: &SubmitRequest) -> Result<Keyed, Status> {
+    /// A build session on the pool: its cache, its single-flight locks, its history.
+    fn session(&self) -> Session {
+        // The pool waits for free slots itself; the scheduler only orders the work.
+        Session::new(Arc::clone(&self.pool) as _, 1024)
+            .with_cache(Arc::clone(self.pool.cache()))
+            .with_single_flight(self.locks.clone())
+            .with_history(Arc::clone(self.pool.cache().index()))
+    }
+
+    /// Plans the request's Dockerfile (never trusting a key from the client).
+    fn plan_request(r: &SubmitRequest) -> Result<(Plan, ContextManifest), Status> {
         let file = if r.dockerfile_path.is_empty() {
             "Dockerfile".to_string()
         } else {
             r.dockerfile_path.clone()
         };
-        let df = parser::parse(&r.dockerfile)
-            .map_err(|e| Status::invalid_argument(format!("{file}:{}: {}", e.line, e.message)))?;
         let platform = match r.platform.split('/').collect::<Vec<_>>().as_slice() {
             [os, arch] => Platform {
                 os: os.to_string(),
@@ -91,35 +100,36 @@ impl BuildServer {
             },
             _ => Platform::host(),
         };
-        let plan = plan(
-            &df,
-            &PlanOptions {
-                target: r.target.clone(),
-                build_args: r.build_args.clone().into_iter().collect(),
-                platform,
+        let options = PlanOptions {
+            target: r.target.clone(),
+            build_args: r.build_args.clone().into_iter().collect(),
+            platform,
+        };
+        let plan = plan_source(&r.dockerfile, std::path::Path::new(&file), &options).map_err(
+            |e| match e {
+                AnalysisError::Dockerfile {
+                    line: Some(l),
+                    message,
+                    ..
+                } => Status::invalid_argument(format!("{file}:{l}: {message}")),
+                AnalysisError::Dockerfile { message, .. } => {
+                    Status::invalid_argument(format!("{file}: {message}"))
+                }
+                other => Status::invalid_argument(other.to_string()),
             },
-        )
-        .map_err(|e| {
-            Status::invalid_argument(match e.line {
-                Some(l) => format!("{file}:{l}: {}", e.message),
-                None => format!("{file}: {}", e.message),
-            })
-        })?;
+        )?;
         let manifest: ContextManifest = from_document(r.manifest.as_ref())?;
-        // Base images are pinned once per build, by a worker's daemon: the ids enter the
-        // keys (a tag that moved is a miss) and every worker builds from them.
-        let references: Vec<String> = external_images(&plan)
-            .into_iter()
-            .filter(|r| !r.eq_ignore_ascii_case("scratch"))
-            .collect();
-        let pinned = PinnedImages(
-            self.pool
-                .pin_images(&references, r.pull)
-                .await
-                .map_err(|e| Status::failed_precondition(e.to_string()))?,
-        );
-        // Keys are derived here from content the store can verify; never from the client.
-        let keys = compute_keys(&plan, &manifest, &pinned);
+        Ok((plan, manifest))
+    }
+
+    /// Plans the request, has a worker pin its base images and keys it; no blob is needed.
+    async fn key_request(&self, r: &SubmitRequest) -> Result<Keyed, Status> {
+        let (plan, manifest) = Self::plan_request(r)?;
+        let (pinned, keys) = self
+            .session()
+            .pin_and_key(&plan, &manifest, r.pull)
+            .await
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
         Ok(Keyed {
             plan,
             manifest,
@@ -138,12 +148,33 @@ impl BuildService for BuildServer {
         req: Request<SubmitRequest>,
     ) -> Result<Response<Self::SubmitStream>, Status> {
         let r = req.into_inner();
-        let Keyed {
-            plan,
-            manifest,
-            pinned,
-            keys,
-        } = self.key_request(&r).await?;
+        let options = BuildOptions {
+            no_cache: r.no_cache,
+            no_cache_filter: r.no_cache_filter.clone(),
+            pull: r.pull,
+            network: r
+                .network
+                .parse::<Network>()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            export_target_image: r.export_image,
+        };
+        let (plan, manifest) = Self::plan_request(&r)?;
+        let session = self.session();
+        let build_id = BuildId(format!(
+            "b{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0),
+        ));
+        let mut prepared = session
+            .prepare(build_id, plan, manifest, &options)
+            .await
+            .map_err(|e| match e {
+                PrepareError::Pin(_) => Status::failed_precondition(e.to_string()),
+                _ => Status::invalid_argument(e.to_string()),
+            })?;
+        let (plan, keys, manifest) = (&prepared.request.plan, &prepared.keys, &prepared.manifest);
         let missing: Vec<&str> = keys
             .iter()
             .filter(|k| plan.built[k.index])
@@ -161,61 +192,28 @@ impl BuildService for BuildServer {
                 missing[0]
             )));
         }
-        let target_key = keys[plan.target].key;
-        let build_id = format!(
-            "b{}-{}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or(0),
-            &target_key.to_hex()[..12]
-        );
-        let plan = Arc::new(plan);
-        let manifest = Arc::new(manifest);
+        // The id also names the target's key, for whoever reads the coordinator's logs.
+        let build_id = BuildId(format!(
+            "{}-{}",
+            prepared.request.build_id,
+            &keys[plan.target].key.to_hex()[..12]
+        ));
+        prepared.request.build_id = build_id.clone();
         let inputs = BuildInputs {
-            manifest: Arc::clone(&manifest),
+            manifest: Arc::clone(&prepared.manifest),
             context: Arc::new(BlobContext {
                 blobs: self.blobs.clone(),
-                manifest,
+                manifest: Arc::clone(&prepared.manifest),
             }),
             secrets: Arc::new(r.secrets.clone().into_iter().collect()),
         };
-        let no_cache_stages = plan
-            .stage_indices(&r.no_cache_filter)
-            .map_err(Status::invalid_argument)?;
-        let request = BuildRequest {
-            exports: exports(&plan, r.export_image),
-            build_id: build_id.clone(),
-            plan,
-            keys: Arc::new(keys),
-            pinned,
-            no_cache: r.no_cache,
-            no_cache_stages,
-            network: match r.network.as_str() {
-                "" | "default" => None,
-                "none" | "host" => Some(r.network.clone()),
-                other => {
-                    return Err(Status::invalid_argument(format!(
-                        "--network {other}: a build's RUN network is default, none or host"
-                    )))
-                }
-            },
-        };
         let cancel = CancellationToken::new();
-        self.builds
-            .lock()
-            .unwrap()
-            .insert(build_id.clone(), cancel.clone());
+        lock(&self.builds).insert(build_id.clone(), cancel.clone());
         let (out_tx, out_rx) = mpsc::channel(256);
         // First, why each stage may be rebuilt (its key against the last recorded build
         // of the same Dockerfile), which `--progress plain` prints next to a rebuilt stage.
         if !r.history_id.is_empty() {
-            let why = explain::why_rebuilt(
-                &**self.pool.cache().index(),
-                &r.history_id,
-                &request.plan,
-                &request.keys,
-            );
+            let why = prepared.why_rebuilt(&**self.pool.cache().index(), &r.history_id);
             let _ = out_tx.try_send(Ok(event(
                 &build_id,
                 serde_json::json!({ "event": "build_reasons", "reasons": why }),
@@ -223,12 +221,11 @@ impl BuildService for BuildServer {
         }
         let pool = Arc::clone(&self.pool);
         let builds = Arc::clone(&self.builds);
-        let locks = self.locks.clone();
-        let history_id = r.history_id.clone();
-        // The context's blobs belong to no record: pinned against the sweep while the
-        // build runs.
-        // So are the pinned base images' blobs (looking them up marks them used).
-        let base_blobs: Vec<String> = request
+        let history_id = (!r.history_id.is_empty()).then(|| r.history_id.clone());
+        // The context's blobs belong to no record, nor do the pinned base images' blobs
+        // (looking them up marks them used): pinned against the sweep while the build runs.
+        let base_blobs: Vec<String> = prepared
+            .request
             .pinned
             .0
             .values()
@@ -256,25 +253,12 @@ impl BuildService for BuildServer {
                     }
                 }
             });
-            // The pool waits for free slots itself; the scheduler only orders the work.
-            let scheduler = Scheduler::new(Arc::clone(&pool) as _, 1024)
-                .with_cache(Arc::clone(pool.cache()))
-                .with_single_flight(locks);
-            let result = scheduler.run(&request, inputs, tx, cancel).await;
+            let result = session
+                .run(&prepared, inputs, history_id.as_deref(), tx, cancel)
+                .await;
             let _ = forward.await;
-            if let Ok(outcome) = result {
-                // The static keys, as `Explain` compares them (and as the embedded build
-                // records its history).
-                if !history_id.is_empty() {
-                    let built = outcome.results.keys().chain(&outcome.cached).copied();
-                    explain::remember(
-                        &**pool.cache().index(),
-                        &history_id,
-                        &request.plan,
-                        &request.keys,
-                        built,
-                    );
-                }
+            if let Ok(ran) = result {
+                let outcome = ran.outcome;
                 if let Some(img) = pool
                     .artifacts_of(&outcome.target_key)
                     .into_iter()
@@ -294,7 +278,7 @@ impl BuildService for BuildServer {
                         .await;
                 }
             }
-            builds.lock().unwrap().remove(&build_id);
+            lock(&builds).remove(&build_id);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
@@ -325,11 +309,8 @@ impl BuildService for BuildServer {
         &self,
         req: Request<CancelRequest>,
     ) -> Result<Response<CancelResponse>, Status> {
-        let token = self
-            .builds
-            .lock()
-            .unwrap()
-            .get(&req.get_ref().build_id)
+        let token = lock(&self.builds)
+            .get(req.get_ref().build_id.as_str())
             .cloned();
         if let Some(t) = &token {
             t.cancel();
