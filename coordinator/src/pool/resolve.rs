@@ -56,6 +56,8 @@ impl WorkerPool {
                             why: why.join("; "),
                         });
                     }
+                    // Cancel safety: both branches are only waits; the next round looks
+                    // at the workers again.
                     None => tokio::select! {
                         _ = changed => {}
                         _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
@@ -86,6 +88,8 @@ impl WorkerPool {
             let mut rx = rx;
             let deadline = tokio::time::Instant::now() + RESOLVE_TIMEOUT;
             let answers = loop {
+                // Cancel safety: `rx` is borrowed, so the sleeps winning never drops the
+                // answer; a fresh heartbeat sleep each round only paces lease checks.
                 tokio::select! {
                     r = &mut rx => break r.ok(),
                     _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => self.expire_leases(),

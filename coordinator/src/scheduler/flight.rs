@@ -63,6 +63,8 @@ pub(super) async fn claim(
                 Ok(()) if !still_at(&file, &path) => continue 'open,
                 Ok(()) => return Claim::Held(HeldLock { _file: file, path }),
                 Err(std::fs::TryLockError::WouldBlock) => {
+                    // Cancel safety: both branches hold nothing; the lock is only ever
+                    // taken by `try_lock` above, never inside the select.
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                         _ = cancel.cancelled() => return Claim::Cancelled,
