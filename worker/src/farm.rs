@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bollard::query_parameters::{
@@ -203,7 +204,7 @@ async fn session(
                 _ = tokio::time::sleep(interval) => {}
                 _ = ended.cancelled() => return,
             }
-            let ids: Vec<String> = hb_running.lock().unwrap().keys().cloned().collect();
+            let ids: Vec<String> = hb_running.lock().keys().cloned().collect();
             match hb_client
                 .heartbeat(HeartbeatRequest {
                     worker_id: worker_id.clone(),
@@ -213,7 +214,7 @@ async fn session(
             {
                 Ok(r) => {
                     for id in r.into_inner().cancel_task_ids {
-                        if let Some(t) = hb_running.lock().unwrap().get(&id) {
+                        if let Some(t) = hb_running.lock().get(&id) {
                             t.cancel();
                         }
                     }
@@ -244,7 +245,6 @@ async fn session(
         let token = shutdown.child_token();
         sh.running
             .lock()
-            .unwrap()
             .insert(assignment.task_id.clone(), token.clone());
         let ctx = TaskCtx {
             executor: Arc::clone(&sh.executor),
@@ -263,7 +263,7 @@ async fn session(
                 c.begin(&id, tags.clone());
             }
             ctx.handle(assignment, token).await;
-            running.lock().unwrap().remove(&id);
+            running.lock().remove(&id);
             if let Some(c) = cap {
                 c.touch(tags);
                 c.end(&id);

@@ -7,7 +7,7 @@
 //! of their archives, and go the same way.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::time::{Duration, SystemTime};
 
 use bollard::query_parameters::{ListImagesOptionsBuilder, RemoveImageOptionsBuilder};
@@ -98,7 +98,7 @@ impl ImageCap {
     /// Marks tags as used now.
     pub fn touch(&self, tags: impl IntoIterator<Item = String>) {
         let now = SystemTime::now();
-        let mut used = self.used.lock().unwrap();
+        let mut used = self.used.lock();
         for t in tags {
             used.insert(t, now);
         }
@@ -109,12 +109,11 @@ impl ImageCap {
         self.touch(tags.iter().cloned());
         self.running
             .lock()
-            .unwrap()
             .insert(task_id.to_string(), tags);
     }
 
     pub fn end(&self, task_id: &str) {
-        self.running.lock().unwrap().remove(task_id);
+        self.running.lock().remove(task_id);
     }
 
     /// Removes dbuild's least recently used images until they fit the cap. Runs once at a
@@ -144,11 +143,10 @@ impl ImageCap {
             layers_of.insert(i.id.clone(), layers);
         }
         let now = SystemTime::now();
-        let used = self.used.lock().unwrap().clone();
+        let used = self.used.lock().clone();
         let in_use: std::collections::HashSet<String> = self
             .running
             .lock()
-            .unwrap()
             .values()
             .flatten()
             .cloned()
@@ -232,7 +230,7 @@ impl ImageCap {
                 continue;
             }
             report.images_removed += 1;
-            let mut used = self.used.lock().unwrap();
+            let mut used = self.used.lock();
             for t in tags {
                 used.remove(t);
             }
@@ -273,13 +271,12 @@ impl ImageCap {
 
     /// The image's layer diff ids (cached: an image id never changes its layers).
     async fn layers(&self, id: &str) -> Vec<String> {
-        if let Some(l) = self.layers.lock().unwrap().get(id) {
+        if let Some(l) = self.layers.lock().get(id) {
             return l.clone();
         }
         let l = image_layers(&self.docker, id).await;
         self.layers
             .lock()
-            .unwrap()
             .insert(id.to_string(), l.clone());
         l
     }

@@ -9,7 +9,8 @@
 //! has by chain id, so the archive holds only JSON.
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::models::ContainerCreateBody;
@@ -158,36 +159,36 @@ pub struct Resources {
 
 impl Resources {
     pub fn container(&self, id: &str) {
-        self.containers.lock().unwrap().push(id.to_string());
+        self.containers.lock().push(id.to_string());
     }
     pub fn volume(&self, name: &str) {
-        self.volumes.lock().unwrap().push(name.to_string());
+        self.volumes.lock().push(name.to_string());
     }
     pub fn image(&self, reference: &str) {
-        self.images.lock().unwrap().push(reference.to_string());
+        self.images.lock().push(reference.to_string());
     }
     /// Keeps `dir` until the containers are removed.
     pub fn keep_dir(&self, dir: tempfile::TempDir) {
-        self.dirs.lock().unwrap().push(dir);
+        self.dirs.lock().push(dir);
     }
     /// Notes the stage's background image write.
     pub fn set_load(&self, load: LoadDone) {
-        *self.load.lock().unwrap() = Some(load);
+        *self.load.lock() = Some(load);
     }
     pub fn take_load(&self) -> Option<LoadDone> {
-        self.load.lock().unwrap().take()
+        self.load.lock().take()
     }
 
     /// Hands the registered images over (to be removed after a background load that
     /// may refer to their layers).
     pub fn take_images(&self) -> Vec<String> {
-        std::mem::take(&mut *self.images.lock().unwrap())
+        std::mem::take(&mut *self.images.lock())
     }
 
     /// Removes everything registered, containers first (they pin volumes and images),
     /// newest image first (a committed image is the child of the bare one it came from).
     pub async fn cleanup(&self, docker: &Docker) {
-        let containers = std::mem::take(&mut *self.containers.lock().unwrap());
+        let containers = std::mem::take(&mut *self.containers.lock());
         for c in containers.iter().rev() {
             let opts = RemoveContainerOptionsBuilder::default()
                 .force(true)
@@ -199,8 +200,8 @@ impl Resources {
                 }
             }
         }
-        self.dirs.lock().unwrap().clear();
-        let volumes = std::mem::take(&mut *self.volumes.lock().unwrap());
+        self.dirs.lock().clear();
+        let volumes = std::mem::take(&mut *self.volumes.lock());
         for v in volumes.iter().rev() {
             let opts = RemoveVolumeOptionsBuilder::default().force(true).build();
             if let Err(e) = docker.remove_volume(v, Some(opts)).await {
@@ -209,7 +210,7 @@ impl Resources {
                 }
             }
         }
-        let images = std::mem::take(&mut *self.images.lock().unwrap());
+        let images = std::mem::take(&mut *self.images.lock());
         for i in images.iter().rev() {
             // Never prune: a committed image's parent can be the state's own image (a RUN
             // or COPY container made from it directly), which is not ours to remove. Every
@@ -489,7 +490,7 @@ impl Daemon {
         .boxed()
         .shared();
         let start = {
-            let mut q = self.queue.lock().unwrap();
+            let mut q = self.queue.lock();
             q.waiting.push(QueuedLoad {
                 images: images
                     .iter()
@@ -513,7 +514,7 @@ impl Daemon {
     async fn send_queued(&self) {
         loop {
             let batch = {
-                let mut q = self.queue.lock().unwrap();
+                let mut q = self.queue.lock();
                 if q.waiting.is_empty() {
                     q.sending = false;
                     return;
@@ -574,13 +575,13 @@ impl Daemon {
     }
 
     fn pending_load(&self, reference: &str) -> Option<LoadDone> {
-        self.pending.lock().unwrap().get(reference).cloned()
+        self.pending.lock().get(reference).cloned()
     }
 
     /// Registers `done` under `names` until it finishes, and drives it.
     fn track(&self, names: Vec<String>, done: LoadDone) {
         {
-            let mut pending = self.pending.lock().unwrap();
+            let mut pending = self.pending.lock();
             for n in &names {
                 pending.insert(n.clone(), done.clone());
             }
@@ -593,7 +594,7 @@ impl Daemon {
                 tracing::warn!(error = %e, images = ?names, "a background docker load failed");
                 return;
             }
-            let mut p = pending.lock().unwrap();
+            let mut p = pending.lock();
             for n in &names {
                 if p.get(n).is_some_and(|f| f.ptr_eq(&done)) {
                     p.remove(n);
@@ -782,7 +783,7 @@ impl Daemon {
 
     /// Waits for every background load; the first failure is the error.
     pub async fn settle_all(&self) -> Result<(), StageError> {
-        let all: Vec<LoadDone> = self.pending.lock().unwrap().values().cloned().collect();
+        let all: Vec<LoadDone> = self.pending.lock().values().cloned().collect();
         let mut first = Ok(());
         for done in all {
             if let Err(e) = done.await {

@@ -56,7 +56,7 @@ pub struct DockerExecutor {
     /// Network mode of a RUN without `--network` (`None`: the daemon's default).
     run_network: Option<String>,
     /// `COPY --from` reads by (image id, path), shared by contents and consumers.
-    trees: std::sync::Mutex<tree::TreeCache>,
+    trees: parking_lot::Mutex<tree::TreeCache>,
 }
 
 impl DockerExecutor {
@@ -135,7 +135,6 @@ impl DockerExecutor {
         let trees = self
             .trees
             .lock()
-            .unwrap()
             .get(image_id, &config::clean_abs(path))?;
         let [t] = trees.as_slice() else {
             return None;
@@ -205,7 +204,7 @@ impl DockerExecutor {
             match tree::tar_tree(data, &abs) {
                 // A symlink is read through the image (COPY follows it).
                 Ok(t) if !matches!(t.root().kind, tree::Kind::Symlink(_)) => {
-                    self.trees.lock().unwrap().put(&id, &abs, vec![t]);
+                    self.trees.lock().put(&id, &abs, vec![t]);
                 }
                 Ok(_) => {}
                 Err(e) => tracing::debug!(path = %abs, error = %e, "artifact not read ahead"),
@@ -395,7 +394,7 @@ impl DockerExecutor {
     ) -> std::collections::BTreeMap<String, String> {
         let mut out = std::collections::BTreeMap::new();
         let cached: Vec<(String, Arc<Vec<tree::SourceTree>>)> = {
-            let trees = self.trees.lock().unwrap();
+            let trees = self.trees.lock();
             paths
                 .iter()
                 .filter_map(|p| Some((p.clone(), trees.get(id, &config::clean_abs(p))?)))
@@ -425,7 +424,6 @@ impl DockerExecutor {
                     out.insert(p.to_string(), tree::trees_digest(&trees));
                     self.trees
                         .lock()
-                        .unwrap()
                         .put(id, &config::clean_abs(p), trees);
                 }
                 Err(e) => tracing::debug!(path = %p, error = %e, "no contents for path"),
@@ -592,7 +590,7 @@ impl DockerExecutor {
         // exactly those: the one written now (its id is its content), or the one the tag
         // names if it has them (a concurrent build of the same key may have retagged it).
         if same_layers {
-            let mut trees = self.trees.lock().unwrap();
+            let mut trees = self.trees.lock();
             for (path, t) in from_layers {
                 trees.put(&image_id, &path, vec![t]);
             }

@@ -188,7 +188,6 @@ pub async fn plan_mounts(
                 if m.sharing == CacheSharing::Locked {
                     let lock = locks
                         .lock()
-                        .unwrap()
                         .entry(volume.clone())
                         .or_default()
                         .clone();

@@ -21,7 +21,7 @@ use super::docker::{derr, Daemon, Resources};
 const TAIL_LINES: usize = 20;
 
 /// Locks for `sharing=locked` cache mounts, by volume name.
-pub type CacheLocks = Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
+pub type CacheLocks = Arc<parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
 
 /// The argv of a RUN as BuildKit builds it, and a script to mount for a `#!` heredoc.
 pub fn run_argv(run: &Run, config: &ImageConfig) -> (Vec<String>, Option<(String, Vec<u8>)>) {
