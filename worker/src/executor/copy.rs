@@ -15,7 +15,7 @@ use model::keys::clean_source;
 use model::task::StageError;
 
 use super::config::clean_abs;
-use super::docker::Daemon;
+use crate::daemon::Daemon;
 use super::layers::Mirror;
 use super::tree::{context_tree, Kind, Node, SourceTree};
 

@@ -17,7 +17,7 @@ use model::task::StageError;
 
 use super::config::ImageConfig;
 use super::copy::{self as cp, CopyPlanner};
-use super::docker::Daemon;
+use crate::daemon::Daemon;
 use super::tree::{self, Kind, Node};
 use super::{DockerExecutor, StageRun};
 

@@ -4,12 +4,12 @@
 mod config;
 mod copy;
 mod diff_layer;
-mod docker;
+
 mod fetch;
 mod layer_read;
 mod layers;
 mod mounts;
-pub mod park;
+pub use crate::daemon::park;
 mod prefetch;
 mod run;
 mod run_step;
@@ -23,9 +23,7 @@ mod vars;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bollard::query_parameters::CreateImageOptionsBuilder;
 use bollard::Docker;
-use futures::StreamExt;
 use model::frontend::instructions::{parse_instruction, Instruction};
 use model::frontend::parser;
 use model::keys::StageKey;
@@ -37,10 +35,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use config::{ImageConfig, DEFAULT_PATH};
-pub use docker::ImageState;
+pub use crate::daemon::ImageState;
 pub use vars::StageVars;
 
-use docker::{Daemon, Resources};
+use crate::daemon::{Daemon, Resources};
 
 /// Runs stage tasks on one Docker daemon.
 ///
@@ -64,7 +62,7 @@ impl DockerExecutor {
     /// negotiates the API version and raises the request timeout to 600 s.
     pub async fn connect(docker_host: Option<&str>, name: &str) -> Result<Self, StageError> {
         Ok(DockerExecutor {
-            daemon: Daemon::connect(docker_host, name).await?,
+            daemon: Daemon::connect(docker_host).await?.for_worker(name),
             name: name.to_string(),
             locks: Default::default(),
             run_network: None,
@@ -193,7 +191,7 @@ impl DockerExecutor {
         let mut state = ImageState::empty(platform);
         let diff = format!("sha256:{}", sha256::hex(&layer));
         state.layers.push(diff.clone());
-        let mut layers = docker::NewLayers::new();
+        let mut layers = crate::daemon::NewLayers::new();
         layers.insert(diff, Arc::new(layer));
         let (ids, _done) = self
             .daemon
@@ -226,7 +224,13 @@ impl DockerExecutor {
 
     /// The daemon connection (for tests and tools).
     pub fn docker(&self) -> &Docker {
-        &self.daemon.docker
+        self.daemon.docker()
+    }
+
+    /// The daemon handle every Docker call of this executor goes through (the farm
+    /// agent's calls go through it too).
+    pub fn daemon(&self) -> &Daemon {
+        &self.daemon
     }
 
     /// The prefix of every container and temporary volume name this executor makes.
@@ -295,7 +299,7 @@ pub(crate) struct StageRun<'a> {
     /// A container following `state`'s filesystem, for planning (see `layers.rs`).
     pub mirror: Option<layers::Mirror>,
     /// Layers of `state` (and pending images) written by hand, not on the daemon yet.
-    pub new_layers: docker::NewLayers,
+    pub new_layers: crate::daemon::NewLayers,
     /// Paths a RUN layer holds whole (see `layer_read.rs`), by diff id.
     pub whole_paths: std::collections::HashMap<String, Arc<Vec<String>>>,
     /// Never-started containers of other images (COPY --from, bind mounts), by reference.
@@ -598,7 +602,7 @@ impl DockerExecutor {
         let contents = if task.digest_paths.is_empty() {
             Default::default()
         } else {
-            docker::timed(
+            crate::daemon::timed(
                 "contents",
                 self.id_contents(res, &image_id, &task.digest_paths),
             )
@@ -671,12 +675,12 @@ impl DockerExecutor {
         st: &StageRun<'_>,
         images: &[(&ImageState, Vec<String>, Option<&str>)],
         settled: usize,
-    ) -> Option<docker::NewLayers> {
+    ) -> Option<crate::daemon::NewLayers> {
         if !st.task.park || self.daemon.parked.is_none() || settled < st.task.digest_paths.len() {
             return None;
         }
         let (durable, _) = &st.durable;
-        let mut layers = docker::NewLayers::new();
+        let mut layers = crate::daemon::NewLayers::new();
         for (state, _, _) in images {
             for diff in state.layers.iter().skip(*durable) {
                 layers.insert(diff.clone(), st.new_layers.get(diff)?.clone());
@@ -708,7 +712,7 @@ impl DockerExecutor {
         ti: Option<&model::task::TaskInstruction>,
     ) -> Result<(), StageError> {
         let ins = st.vars.expand(raw, st.task.escape)?;
-        docker::timed(ins.keyword(), self.dispatch(st, &ins, ti)).await?;
+        crate::daemon::timed(ins.keyword(), self.dispatch(st, &ins, ti)).await?;
         let planned = ti.map(|t| &t.instruction);
         st.vars
             .track(&ins, planned, &st.task.build_args, st.task.escape)
@@ -759,7 +763,7 @@ impl Executor for DockerExecutor {
     ) -> std::collections::BTreeMap<String, String> {
         let res = Resources::default();
         let out = self.image_contents(&res, image_id, paths).await;
-        res.cleanup(&self.daemon.docker).await;
+        res.cleanup(&self.daemon).await;
         out
     }
 
@@ -774,17 +778,7 @@ impl Executor for DockerExecutor {
                 return Ok(id);
             }
         }
-        let opts = CreateImageOptionsBuilder::default()
-            .from_image(reference)
-            .build();
-        let mut stream = self.daemon.docker.create_image(Some(opts), None, None);
-        let mut pull_error = None;
-        while let Some(item) = stream.next().await {
-            if let Err(e) = item {
-                pull_error = Some(e.to_string());
-                break;
-            }
-        }
+        let pull_error = self.daemon.pull(reference).await.err().map(|e| e.to_string());
         let local = self.daemon.inspect(reference).await?;
         match (pull_error, local) {
             (None, Some((id, _))) => Ok(id),
@@ -838,7 +832,7 @@ impl Executor for DockerExecutor {
         // Temporary images may hold layers the stage's background load refers to: they
         // go once it is done (after the containers made from them, removed now).
         let later = res.take_load().map(|load| (load, res.take_images()));
-        docker::timed("cleanup", res.cleanup(&self.daemon.docker))
+        crate::daemon::timed("cleanup", res.cleanup(&self.daemon))
             .instrument(span)
             .await;
         if let Some((load, images)) = later {

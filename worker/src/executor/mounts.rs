@@ -23,7 +23,7 @@ use model::frontend::instructions::{CacheSharing, MountType, Run};
 use model::task::StageError;
 
 use super::config::clean_abs;
-use super::docker::{derr, is_not_found, Daemon, Resources};
+use crate::daemon::{derr, is_not_found, Daemon, Resources};
 use super::run::CacheLocks;
 use super::tree::{Content, Kind, Node};
 

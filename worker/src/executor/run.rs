@@ -15,7 +15,7 @@ use model::task::{StageError, StageLog};
 use tokio_util::sync::CancellationToken;
 
 use super::config::ImageConfig;
-use super::docker::{derr, Daemon, Resources};
+use crate::daemon::{derr, Daemon, Resources};
 
 /// How many output lines a failed RUN reports.
 const TAIL_LINES: usize = 20;
@@ -224,7 +224,7 @@ pub async fn run_container(
         return Ok(RunOutcome::Cancelled);
     }
     let started = Instant::now();
-    super::docker::timed("start", daemon.docker.start_container(&id, None))
+    crate::daemon::timed("start", daemon.docker.start_container(&id, None))
         .await
         .map_err(|e| derr("start RUN container", e))?;
     let log_task = {

@@ -11,8 +11,8 @@ use model::frontend::parser::chomp_heredoc_content;
 use model::task::{stage_image_tag, StageError, TaskInstruction, TaskSource};
 
 use super::copy::{self as cp, CopyPlanner};
-use super::docker::ImageState;
-use super::docker::Resources;
+use crate::daemon::ImageState;
+use crate::daemon::Resources;
 use super::fetch;
 use super::layers::{direct_ok, plain_body};
 use super::tree::{self, Content, Kind, Node, SourceTree};
