@@ -421,3 +421,15 @@ impl Daemon {
         crate::image_cap::image_layers(&self.docker, image).await
     }
 }
+
+impl Daemon {
+    /// The id of the image the daemon holds under `reference`, if it can tell (nothing
+    /// waited for, nothing loaded).
+    pub async fn image_id(&self, reference: &str) -> Option<String> {
+        self.docker
+            .inspect_image(reference)
+            .await
+            .ok()
+            .and_then(|i| i.id)
+    }
+}
