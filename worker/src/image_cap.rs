@@ -5,9 +5,9 @@
 //! with each task, and the worker imports what its daemon lacks. Stage images the worker
 //! parked beside the daemon (`executor/park.rs`) count against the same cap, by the size
 //! of their archives, and go the same way.
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use parking_lot::Mutex;
 use std::time::{Duration, SystemTime};
 
 use bollard::query_parameters::{ListImagesOptionsBuilder, RemoveImageOptionsBuilder};
@@ -107,9 +107,7 @@ impl ImageCap {
     /// A task began: the images it reads and writes (`tags`) are kept until it ends.
     pub fn begin(&self, task_id: &str, tags: Vec<String>) {
         self.touch(tags.iter().cloned());
-        self.running
-            .lock()
-            .insert(task_id.to_string(), tags);
+        self.running.lock().insert(task_id.to_string(), tags);
     }
 
     pub fn end(&self, task_id: &str) {
@@ -144,13 +142,8 @@ impl ImageCap {
         }
         let now = SystemTime::now();
         let used = self.used.lock().clone();
-        let in_use: std::collections::HashSet<String> = self
-            .running
-            .lock()
-            .values()
-            .flatten()
-            .cloned()
-            .collect();
+        let in_use: std::collections::HashSet<String> =
+            self.running.lock().values().flatten().cloned().collect();
         // Each image carrying only dbuild's tags.
         let mut ours: Vec<Candidate> = images
             .into_iter()
@@ -275,9 +268,7 @@ impl ImageCap {
             return l.clone();
         }
         let l = image_layers(&self.docker, id).await;
-        self.layers
-            .lock()
-            .insert(id.to_string(), l.clone());
+        self.layers.lock().insert(id.to_string(), l.clone());
         l
     }
 }

@@ -387,7 +387,10 @@ impl Daemon {
         self.docker
             .tag_image(image, Some(opts))
             .await
-            .map_err(DaemonError::docker("tag", format!("{image} as {repo}:{tag}")))
+            .map_err(DaemonError::docker(
+                "tag",
+                format!("{image} as {repo}:{tag}"),
+            ))
     }
 
     /// Removes the image `reference` (a tag removes only the tag while others name the
@@ -395,10 +398,13 @@ impl Daemon {
     /// parents go too.
     pub async fn remove_image(&self, reference: &str, prune: bool) -> Result<(), DaemonError> {
         let opts = RemoveImageOptionsBuilder::default().noprune(!prune).build();
-        timed("rm_image", self.docker.remove_image(reference, Some(opts), None))
-            .await
-            .map(drop)
-            .map_err(DaemonError::docker("remove image", reference))
+        timed(
+            "rm_image",
+            self.docker.remove_image(reference, Some(opts), None),
+        )
+        .await
+        .map(drop)
+        .map_err(DaemonError::docker("remove image", reference))
     }
 
     /// Every tag of the images whose reference matches `filter` (`dbuild-stage`, ...).

@@ -290,5 +290,4 @@ impl Daemon {
             .unwrap_or(0);
         format!("{}-{what}-{}-{n}-{t}", self.prefix, std::process::id())
     }
-
 }

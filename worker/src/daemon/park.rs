@@ -95,9 +95,10 @@ impl Parked {
     }
 
     fn name_path(&self, name: &str) -> PathBuf {
-        self.dir
-            .join("names")
-            .join(format!("{}.json", crate::executor::sha256::hex(name.as_bytes())))
+        self.dir.join("names").join(format!(
+            "{}.json",
+            crate::executor::sha256::hex(name.as_bytes())
+        ))
     }
 
     /// Parks `archive` (a `docker load` archive) under every name given (its `archive`

@@ -11,13 +11,13 @@ use model::frontend::parser::chomp_heredoc_content;
 use model::task::{stage_image_tag, StageError, TaskInstruction, TaskSource};
 
 use super::copy::{self as cp, CopyPlanner};
-use crate::daemon::ImageState;
-use crate::daemon::Resources;
 use super::fetch;
 use super::layers::{direct_ok, plain_body};
 use super::tree::{self, Content, Kind, Node, SourceTree};
 use super::users;
 use super::{DockerExecutor, StageRun};
+use crate::daemon::ImageState;
+use crate::daemon::Resources;
 
 /// Where a COPY --from or a bind mount reads.
 pub(super) enum FromImage {

@@ -34,7 +34,8 @@ impl TaskCtx {
             match self.executor.cached_path_archive(image_id, p) {
                 Some(tar) => {
                     tracing::debug!(path = %p, "exported from the stage's trees");
-                    let chunk = futures::stream::iter([Ok::<_, DaemonError>(bytes::Bytes::from(tar))]);
+                    let chunk =
+                        futures::stream::iter([Ok::<_, DaemonError>(bytes::Bytes::from(tar))]);
                     if let Some(art) = self.upload_stream(task, p.clone(), chunk).await? {
                         out.push(art);
                     }

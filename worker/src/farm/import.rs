@@ -16,7 +16,10 @@ use super::{paths_image_tag, PATHS_IN_MEMORY};
 
 impl TaskCtx {
     /// Loads the pinned external images this daemon lacks from the store.
-    pub(super) async fn load_base_images(&mut self, images: &[BaseImage]) -> Result<(), StageError> {
+    pub(super) async fn load_base_images(
+        &mut self,
+        images: &[BaseImage],
+    ) -> Result<(), StageError> {
         for img in images {
             if self.has_image(&img.id).await {
                 continue;
@@ -40,9 +43,12 @@ impl TaskCtx {
         Ok(())
     }
 
-
     /// small image the COPY --from reads instead of the stage's image.
-    pub(super) async fn import(&mut self, task: &mut StageTask, a: &TaskAssignment) -> Result<(), StageError> {
+    pub(super) async fn import(
+        &mut self,
+        task: &mut StageTask,
+        a: &TaskAssignment,
+    ) -> Result<(), StageError> {
         let mut by_key: BTreeMap<StageKey, Vec<Artifact>> = BTreeMap::new();
         for pb in &a.imports {
             let art = artifact(pb).map_err(|e| StageError::new(e.message().to_string()))?;
@@ -115,7 +121,6 @@ impl TaskCtx {
     }
 
     /// A copy of what importing needs, for one of several imports at once.
-
 
     /// Imports one stage's artifacts unless the daemon holds its image (`expected`, else
     /// its tag): the image by `docker load`, or an image of just its exported paths,
@@ -212,7 +217,6 @@ impl TaskCtx {
     }
 
     /// A blob as a file of the local blob cache (downloaded if missing, checked), for
-
 
     /// Loads an image artifact: a whole `docker save` archive, or an index of parts, of
     /// which only the layers this daemon lacks are fetched (`have`: images whose layers

@@ -217,4 +217,3 @@ pub(super) fn enforce_cap(cap: Arc<crate::image_cap::ImageCap>) {
         }
     });
 }
-

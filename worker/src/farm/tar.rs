@@ -124,4 +124,3 @@ mod tests {
         assert_eq!(names, ["opt/", "opt/dir/", "opt/dir/f"]);
     }
 }
-

@@ -19,9 +19,11 @@ use wire::{document, from_document, Clients};
 use super::WorkerError;
 use crate::DockerExecutor;
 
-
 /// The context files a task reads (COPY/ADD and bind mounts from the context).
-pub(super) fn needed_context_blobs(task: &StageTask, manifest: &ContextManifest) -> Vec<BlobDigest> {
+pub(super) fn needed_context_blobs(
+    task: &StageTask,
+    manifest: &ContextManifest,
+) -> Vec<BlobDigest> {
     let mut out = Vec::new();
     for ti in &task.instructions {
         match &ti.instruction {
@@ -54,7 +56,6 @@ pub(super) fn needed_context_blobs(task: &StageTask, manifest: &ContextManifest)
     out.dedup();
     out
 }
-
 
 /// What one task (a stage or a resolve job) works with.
 pub(super) struct TaskCtx {
@@ -175,7 +176,10 @@ impl TaskCtx {
     }
 
     /// blobs too large to hold in memory (images, layers).
-    pub(super) async fn fetch_blob_file(&mut self, digest_hex: &str) -> Result<std::fs::File, StageError> {
+    pub(super) async fn fetch_blob_file(
+        &mut self,
+        digest_hex: &str,
+    ) -> Result<std::fs::File, StageError> {
         let d = BlobDigest::from_hex(digest_hex)
             .ok_or_else(|| StageError::new(format!("bad blob digest {digest_hex:?}")))?;
         download_to(&mut self.clients.content, &self.blobs, &d)
