@@ -28,6 +28,17 @@ pub struct CapReport {
     pub bytes_freed: u64,
 }
 
+/// Why the cap could not be enforced.
+#[derive(Debug, thiserror::Error)]
+pub enum CapError {
+    #[error("listing images: {0}")]
+    ListImages(#[source] bollard::errors::Error),
+    #[error("listing parked images: {0}")]
+    ListParked(#[source] std::io::Error),
+    #[error("removing a parked image: {0}")]
+    RemoveParked(#[source] std::io::Error),
+}
+
 /// An image's layer diff ids, in order (none when the daemon lacks it).
 pub async fn image_layers(docker: &Docker, image: &str) -> Vec<String> {
     docker
@@ -116,7 +127,7 @@ impl ImageCap {
 
     /// Removes dbuild's least recently used images until they fit the cap. Runs once at a
     /// time (a call while one runs returns at once, with nothing done).
-    pub async fn enforce(&self) -> Result<CapReport, String> {
+    pub async fn enforce(&self) -> Result<CapReport, CapError> {
         if self.enforcing.swap(true, Ordering::SeqCst) {
             return Ok(CapReport::default());
         }
@@ -125,12 +136,12 @@ impl ImageCap {
         r
     }
 
-    async fn enforce_now(&self) -> Result<CapReport, String> {
+    async fn enforce_now(&self) -> Result<CapReport, CapError> {
         let images = self
             .docker
             .list_images(Some(ListImagesOptionsBuilder::default().all(false).build()))
             .await
-            .map_err(|e| format!("listing images: {e}"))?;
+            .map_err(CapError::ListImages)?;
         // Layer lists (immutable per image id) of every image, to find what each of ours
         // adds over the longest image it extends (its base or the previous instruction).
         let mut by_prefix: HashMap<Vec<String>, u64> = HashMap::new();
@@ -184,9 +195,7 @@ impl ImageCap {
             })
             .collect();
         let parked = match &self.parked {
-            Some(p) => p
-                .archives()
-                .map_err(|e| format!("listing parked images: {e}"))?,
+            Some(p) => p.archives().map_err(CapError::ListParked)?,
             None => Vec::new(),
         };
         let mut report = CapReport {
@@ -252,8 +261,7 @@ impl ImageCap {
                 if busy || now.duration_since(last(a)).unwrap_or_default() < self.recent {
                     continue;
                 }
-                dir.unpark(&a.archive)
-                    .map_err(|e| format!("removing a parked image: {e}"))?;
+                dir.unpark(&a.archive).map_err(CapError::RemoveParked)?;
                 report.images_removed += 1;
                 report.bytes_freed += a.bytes;
                 total = total.saturating_sub(a.bytes);

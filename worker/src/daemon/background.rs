@@ -16,6 +16,9 @@ pub type LoadDone =
     futures::future::Shared<futures::future::BoxFuture<'static, Result<(), StageError>>>;
 
 impl Daemon {
+    /// [`Self::load`] in the background: returns the ids the images will have (a loaded
+    /// image's id is the digest of its config), at once. Whoever then names one of the
+    /// images or tags through this daemon waits for the load ([`Self::settle`]); the
     /// `temporary` images (whose layers the archive may refer to) are removed after it.
     ///
     /// Loads asked for while one is being sent go together in the next `docker load`.

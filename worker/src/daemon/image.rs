@@ -160,10 +160,6 @@ impl Daemon {
         Ok(())
     }
 
-    /// [`Self::load`] in the background: returns the ids the images will have (a loaded
-    /// image's id is the digest of its config), at once. Whoever then names one of the
-    /// images or tags through this daemon waits for the load ([`Self::settle`]); the
-
     /// Puts one more layer (an uncompressed layer tar: files, directories, `.wh.`
     /// whiteouts) on top of `state`: loads a bare image whose last layer is `layer` under a
     /// fresh tag (noted in `res`, so the layer lives until the stage's images use it) and

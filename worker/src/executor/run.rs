@@ -211,10 +211,11 @@ pub async fn run_container(
                 Err(e) => {
                     // Most likely the daemon cannot see the scratch directory.
                     tracing::debug!(error = %e.message, "no RUN without a network sandbox here");
-                    if e.message.contains("bind") {
-                        daemon.scratch_visible.store(false, Ordering::Relaxed);
-                    }
-                    daemon.create(body, res).await?
+                    let id = daemon.create(body, res).await?;
+                    // The same container without the scratch bind mounts was made: those
+                    // were what the daemon refused, so later RUNs skip them.
+                    daemon.scratch_visible.store(false, Ordering::Relaxed);
+                    id
                 }
             }
         }
@@ -269,6 +270,9 @@ pub async fn run_container(
         })
     };
     let mut wait = daemon.docker.wait_container(&id, None);
+    // Cancel safe: when the cancel branch wins, the dropped `wait.next()` only stops
+    // waiting (the container is killed here and removed by the stage's cleanup); when
+    // the wait wins, the dropped `cancelled()` loses nothing (the token stays cancelled).
     let code = tokio::select! {
         r = wait.next() => match r {
             Some(Ok(r)) => r.status_code,

@@ -43,6 +43,7 @@ impl TaskCtx {
         Ok(())
     }
 
+    /// Loads the stage images the task needs and lacks; turns copied-path artifacts into a
     /// small image the COPY --from reads instead of the stage's image.
     pub(super) async fn import(
         &mut self,
@@ -119,8 +120,6 @@ impl TaskCtx {
         }
         Ok(())
     }
-
-    /// A copy of what importing needs, for one of several imports at once.
 
     /// Imports one stage's artifacts unless the daemon holds its image (`expected`, else
     /// its tag): the image by `docker load`, or an image of just its exported paths,
@@ -215,8 +214,6 @@ impl TaskCtx {
             .unwrap_or_else(|| reference.clone());
         Ok(Some((reference, id)))
     }
-
-    /// A blob as a file of the local blob cache (downloaded if missing, checked), for
 
     /// Loads an image artifact: a whole `docker save` archive, or an index of parts, of
     /// which only the layers this daemon lacks are fetched (`have`: images whose layers

@@ -119,8 +119,6 @@ pub(super) async fn session(
     }
 }
 
-/// The tags of the images a task reads and writes (its stage, its instructions, the
-
 /// Stage keys whose images this daemon holds (tagged `dbuild-stage:<key>`) or this
 /// worker parked beside it.
 async fn held_stage_keys(executor: &DockerExecutor) -> Vec<String> {

@@ -162,8 +162,6 @@ impl TaskCtx {
         Ok((result, artifacts))
     }
 
-    /// Loads the stage images the task needs and lacks; turns copied-path artifacts into a
-
     /// A copy of what importing needs, for one of several imports at once.
     pub(super) fn clone_for_import(&self) -> TaskCtx {
         TaskCtx {
@@ -175,6 +173,7 @@ impl TaskCtx {
         }
     }
 
+    /// A blob as a file of the local blob cache (downloaded if missing, checked), for
     /// blobs too large to hold in memory (images, layers).
     pub(super) async fn fetch_blob_file(
         &mut self,
