@@ -3,10 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use bollard::query_parameters::TagImageOptions;
-use bollard::Docker;
-use futures::StreamExt;
-use tokio::io::AsyncWriteExt;
+use worker::daemon::Daemon;
 
 /// A parsed `--output`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,23 +41,18 @@ impl Output {
     }
 }
 
-/// Connects to `host` (or the local defaults) at a version the daemon speaks.
-pub async fn connect(host: Option<&str>) -> anyhow::Result<Docker> {
-    let docker = match host {
-        Some(h) => Docker::connect_with_host(h),
-        None => Docker::connect_with_local_defaults(),
-    }
-    .context("connecting to the Docker daemon")?;
-    docker
-        .with_timeout(std::time::Duration::from_secs(600))
-        .negotiate_version()
+/// Connects to `host` (or the local defaults) at a version the daemon speaks: the
+/// worker's daemon handle, so the CLI talks to Docker the way the executor does.
+pub async fn connect(host: Option<&str>) -> anyhow::Result<Daemon> {
+    Daemon::connect(host)
         .await
-        .context("negotiating the Docker API version (is the daemon running?)")
+        .context("connecting to the Docker daemon (is the daemon running?)")
 }
 
 /// `docker load` of an image archive in a file, streamed.
-pub async fn load_file(docker: &Docker, archive: std::fs::File) -> anyhow::Result<()> {
-    worker::farm::docker_load_file(docker, archive)
+pub async fn load_file(daemon: &Daemon, archive: std::fs::File) -> anyhow::Result<()> {
+    daemon
+        .load_file(archive)
         .await
         .context("loading the image into the local daemon")
 }
@@ -86,35 +78,23 @@ pub async fn deliver(
             if tags.is_empty() {
                 return Ok(());
             }
-            let docker = connect(host).await?;
+            let daemon = connect(host).await?;
             for t in tags {
                 let (repo, tag) = split_tag(t);
-                docker
-                    .tag_image(
-                        image_id,
-                        Some(TagImageOptions {
-                            repo: Some(repo.to_string()),
-                            tag: Some(tag.to_string()),
-                        }),
-                    )
+                daemon
+                    .tag_as(image_id, repo, tag)
                     .await
                     .with_context(|| format!("tagging the image as {t}"))?;
             }
             Ok(())
         }
         Output::Tar(dest) => {
-            let docker = connect(host).await?;
+            let daemon = connect(host).await?;
             let tmp = dest.with_extension("partial");
-            let mut file = tokio::fs::File::create(&tmp)
+            daemon
+                .save_to_file(image_id, &tmp)
                 .await
-                .with_context(|| format!("creating {}", tmp.display()))?;
-            let mut stream = docker.export_image(image_id);
-            while let Some(chunk) = stream.next().await {
-                file.write_all(&chunk.context("exporting the image")?)
-                    .await?;
-            }
-            file.flush().await?;
-            drop(file);
+                .context("exporting the image")?;
             tokio::fs::rename(&tmp, dest)
                 .await
                 .with_context(|| format!("writing {}", dest.display()))?;

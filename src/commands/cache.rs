@@ -197,15 +197,12 @@ pub(crate) async fn remove_images(
     if let Err(e) = worker::executor::park::Parked::open(&parked).and_then(|p| p.forget(&tags)) {
         tracing::warn!(error = %e, "could not remove the parked images of pruned stages");
     }
-    let docker = crate::output::connect(host).await?;
+    let daemon = crate::output::connect(host).await?;
     for r in &report.removed {
         for tag in &r.tags {
-            let opts = bollard::query_parameters::RemoveImageOptionsBuilder::default().build();
-            match docker.remove_image(tag, Some(opts), None).await {
-                Ok(_) => {}
-                Err(bollard::errors::Error::DockerResponseServerError {
-                    status_code: 404, ..
-                }) => {}
+            match daemon.remove_image(tag, true).await {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
                 // In use by a container or another tag's child: it stays, the record is gone.
                 Err(e) => tracing::warn!(tag, error = %e, "could not remove a pruned stage image"),
             }

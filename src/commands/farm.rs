@@ -95,6 +95,8 @@ fn ctrl_c_token() -> CancellationToken {
                 Err(_) => std::future::pending().await,
             }
         };
+        // Cancel safe: the first signal wins and the process is stopping; the other
+        // branch's dropped future only unregisters its signal listener.
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term => {}

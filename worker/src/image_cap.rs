@@ -5,9 +5,9 @@
 //! with each task, and the worker imports what its daemon lacks. Stage images the worker
 //! parked beside the daemon (`executor/park.rs`) count against the same cap, by the size
 //! of their archives, and go the same way.
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use bollard::query_parameters::{ListImagesOptionsBuilder, RemoveImageOptionsBuilder};
@@ -26,6 +26,17 @@ pub struct CapReport {
     pub bytes_before: u64,
     pub images_removed: usize,
     pub bytes_freed: u64,
+}
+
+/// Why the cap could not be enforced.
+#[derive(Debug, thiserror::Error)]
+pub enum CapError {
+    #[error("listing images: {0}")]
+    ListImages(#[source] bollard::errors::Error),
+    #[error("listing parked images: {0}")]
+    ListParked(#[source] std::io::Error),
+    #[error("removing a parked image: {0}")]
+    RemoveParked(#[source] std::io::Error),
 }
 
 /// An image's layer diff ids, in order (none when the daemon lacks it).
@@ -98,7 +109,7 @@ impl ImageCap {
     /// Marks tags as used now.
     pub fn touch(&self, tags: impl IntoIterator<Item = String>) {
         let now = SystemTime::now();
-        let mut used = self.used.lock().unwrap();
+        let mut used = self.used.lock();
         for t in tags {
             used.insert(t, now);
         }
@@ -107,19 +118,16 @@ impl ImageCap {
     /// A task began: the images it reads and writes (`tags`) are kept until it ends.
     pub fn begin(&self, task_id: &str, tags: Vec<String>) {
         self.touch(tags.iter().cloned());
-        self.running
-            .lock()
-            .unwrap()
-            .insert(task_id.to_string(), tags);
+        self.running.lock().insert(task_id.to_string(), tags);
     }
 
     pub fn end(&self, task_id: &str) {
-        self.running.lock().unwrap().remove(task_id);
+        self.running.lock().remove(task_id);
     }
 
     /// Removes dbuild's least recently used images until they fit the cap. Runs once at a
     /// time (a call while one runs returns at once, with nothing done).
-    pub async fn enforce(&self) -> Result<CapReport, String> {
+    pub async fn enforce(&self) -> Result<CapReport, CapError> {
         if self.enforcing.swap(true, Ordering::SeqCst) {
             return Ok(CapReport::default());
         }
@@ -128,12 +136,12 @@ impl ImageCap {
         r
     }
 
-    async fn enforce_now(&self) -> Result<CapReport, String> {
+    async fn enforce_now(&self) -> Result<CapReport, CapError> {
         let images = self
             .docker
             .list_images(Some(ListImagesOptionsBuilder::default().all(false).build()))
             .await
-            .map_err(|e| format!("listing images: {e}"))?;
+            .map_err(CapError::ListImages)?;
         // Layer lists (immutable per image id) of every image, to find what each of ours
         // adds over the longest image it extends (its base or the previous instruction).
         let mut by_prefix: HashMap<Vec<String>, u64> = HashMap::new();
@@ -144,15 +152,9 @@ impl ImageCap {
             layers_of.insert(i.id.clone(), layers);
         }
         let now = SystemTime::now();
-        let used = self.used.lock().unwrap().clone();
-        let in_use: std::collections::HashSet<String> = self
-            .running
-            .lock()
-            .unwrap()
-            .values()
-            .flatten()
-            .cloned()
-            .collect();
+        let used = self.used.lock().clone();
+        let in_use: std::collections::HashSet<String> =
+            self.running.lock().values().flatten().cloned().collect();
         // Each image carrying only dbuild's tags.
         let mut ours: Vec<Candidate> = images
             .into_iter()
@@ -193,9 +195,7 @@ impl ImageCap {
             })
             .collect();
         let parked = match &self.parked {
-            Some(p) => p
-                .archives()
-                .map_err(|e| format!("listing parked images: {e}"))?,
+            Some(p) => p.archives().map_err(CapError::ListParked)?,
             None => Vec::new(),
         };
         let mut report = CapReport {
@@ -232,7 +232,7 @@ impl ImageCap {
                 continue;
             }
             report.images_removed += 1;
-            let mut used = self.used.lock().unwrap();
+            let mut used = self.used.lock();
             for t in tags {
                 used.remove(t);
             }
@@ -261,8 +261,7 @@ impl ImageCap {
                 if busy || now.duration_since(last(a)).unwrap_or_default() < self.recent {
                     continue;
                 }
-                dir.unpark(&a.archive)
-                    .map_err(|e| format!("removing a parked image: {e}"))?;
+                dir.unpark(&a.archive).map_err(CapError::RemoveParked)?;
                 report.images_removed += 1;
                 report.bytes_freed += a.bytes;
                 total = total.saturating_sub(a.bytes);
@@ -273,14 +272,11 @@ impl ImageCap {
 
     /// The image's layer diff ids (cached: an image id never changes its layers).
     async fn layers(&self, id: &str) -> Vec<String> {
-        if let Some(l) = self.layers.lock().unwrap().get(id) {
+        if let Some(l) = self.layers.lock().get(id) {
             return l.clone();
         }
         let l = image_layers(&self.docker, id).await;
-        self.layers
-            .lock()
-            .unwrap()
-            .insert(id.to_string(), l.clone());
+        self.layers.lock().insert(id.to_string(), l.clone());
         l
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! [`DockerExecutor`] implements `model::task::Executor` with bollard, executing
 //! every instruction itself through the container and image API.
+pub mod daemon;
 pub mod executor;
 
 pub use executor::DockerExecutor;

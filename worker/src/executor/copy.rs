@@ -15,9 +15,9 @@ use model::keys::clean_source;
 use model::task::StageError;
 
 use super::config::clean_abs;
-use super::docker::Daemon;
 use super::layers::Mirror;
 use super::tree::{context_tree, Kind, Node, SourceTree};
+use crate::daemon::Daemon;
 
 /// Plans the nodes one COPY writes.
 pub struct CopyPlanner<'a> {

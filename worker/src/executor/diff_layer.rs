@@ -26,7 +26,7 @@ use futures::StreamExt;
 use model::task::StageError;
 
 use super::copy as cp;
-use super::docker::{derr, timed, Daemon};
+use crate::daemon::{derr, timed, Daemon};
 
 /// At most this many archive calls per RUN layer.
 pub const MAX_FETCHES: usize = 256;

@@ -17,9 +17,9 @@ use model::task::StageError;
 
 use super::config::ImageConfig;
 use super::copy::{self as cp, CopyPlanner};
-use super::docker::Daemon;
 use super::tree::{self, Kind, Node};
 use super::{DockerExecutor, StageRun};
+use crate::daemon::Daemon;
 
 /// A container following the stage's filesystem state (see the module docs).
 pub(crate) struct Mirror {

@@ -23,9 +23,9 @@ use model::frontend::instructions::{CacheSharing, MountType, Run};
 use model::task::StageError;
 
 use super::config::clean_abs;
-use super::docker::{derr, is_not_found, Daemon, Resources};
 use super::run::CacheLocks;
 use super::tree::{Content, Kind, Node};
+use crate::daemon::{derr, is_not_found, Daemon, Resources};
 
 /// A volume to fill with these nodes (paths relative to the volume root) before the
 /// container starts.
@@ -186,12 +186,7 @@ pub async fn plan_mounts(
                     }
                 };
                 if m.sharing == CacheSharing::Locked {
-                    let lock = locks
-                        .lock()
-                        .unwrap()
-                        .entry(volume.clone())
-                        .or_default()
-                        .clone();
+                    let lock = locks.lock().entry(volume.clone()).or_default().clone();
                     plan.locks.push(lock);
                 }
                 let Some(root) = root else {

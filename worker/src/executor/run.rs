@@ -15,13 +15,13 @@ use model::task::{StageError, StageLog};
 use tokio_util::sync::CancellationToken;
 
 use super::config::ImageConfig;
-use super::docker::{derr, Daemon, Resources};
+use crate::daemon::{derr, Daemon, Resources};
 
 /// How many output lines a failed RUN reports.
 const TAIL_LINES: usize = 20;
 
 /// Locks for `sharing=locked` cache mounts, by volume name.
-pub type CacheLocks = Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
+pub type CacheLocks = Arc<parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
 
 /// The argv of a RUN as BuildKit builds it, and a script to mount for a `#!` heredoc.
 pub fn run_argv(run: &Run, config: &ImageConfig) -> (Vec<String>, Option<(String, Vec<u8>)>) {
@@ -211,10 +211,11 @@ pub async fn run_container(
                 Err(e) => {
                     // Most likely the daemon cannot see the scratch directory.
                     tracing::debug!(error = %e.message, "no RUN without a network sandbox here");
-                    if e.message.contains("bind") {
-                        daemon.scratch_visible.store(false, Ordering::Relaxed);
-                    }
-                    daemon.create(body, res).await?
+                    let id = daemon.create(body, res).await?;
+                    // The same container without the scratch bind mounts was made: those
+                    // were what the daemon refused, so later RUNs skip them.
+                    daemon.scratch_visible.store(false, Ordering::Relaxed);
+                    id
                 }
             }
         }
@@ -224,7 +225,7 @@ pub async fn run_container(
         return Ok(RunOutcome::Cancelled);
     }
     let started = Instant::now();
-    super::docker::timed("start", daemon.docker.start_container(&id, None))
+    crate::daemon::timed("start", daemon.docker.start_container(&id, None))
         .await
         .map_err(|e| derr("start RUN container", e))?;
     let log_task = {
@@ -269,6 +270,9 @@ pub async fn run_container(
         })
     };
     let mut wait = daemon.docker.wait_container(&id, None);
+    // Cancel safe: when the cancel branch wins, the dropped `wait.next()` only stops
+    // waiting (the container is killed here and removed by the stage's cleanup); when
+    // the wait wins, the dropped `cancelled()` loses nothing (the token stays cancelled).
     let code = tokio::select! {
         r = wait.next() => match r {
             Some(Ok(r)) => r.status_code,

@@ -11,13 +11,13 @@ use model::frontend::parser::chomp_heredoc_content;
 use model::task::{stage_image_tag, StageError, TaskInstruction, TaskSource};
 
 use super::copy::{self as cp, CopyPlanner};
-use super::docker::ImageState;
-use super::docker::Resources;
 use super::fetch;
 use super::layers::{direct_ok, plain_body};
 use super::tree::{self, Content, Kind, Node, SourceTree};
 use super::users;
 use super::{DockerExecutor, StageRun};
+use crate::daemon::ImageState;
+use crate::daemon::Resources;
 
 /// Where a COPY --from or a bind mount reads.
 pub(super) enum FromImage {
@@ -353,13 +353,13 @@ impl DockerExecutor {
                     let abs = super::config::clean_abs(&format!("/{src}"));
                     let mut cached = from_id
                         .as_ref()
-                        .and_then(|id| self.trees.lock().unwrap().get(id, &abs));
+                        .and_then(|id| self.trees.lock().get(id, &abs));
                     // A parked stage (see `park.rs`) is read from its archive if it can be.
                     if let (None, Some(id), false) = (&cached, &from_id, cp::has_wildcard(src)) {
                         if let Some(t) = self.parked_tree(id, &abs).await {
                             tracing::debug!(path = %abs, "read from a parked image");
-                            self.trees.lock().unwrap().put(id, &abs, vec![t]);
-                            cached = self.trees.lock().unwrap().get(id, &abs);
+                            self.trees.lock().put(id, &abs, vec![t]);
+                            cached = self.trees.lock().get(id, &abs);
                         }
                     }
                     let found = match cached {

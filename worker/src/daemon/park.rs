@@ -10,7 +10,7 @@
 //! target's own load. Its images, with their tags, are parked instead; the stage cache
 //! still finds them by tag ([`Parked::peek`]), and the first call that needs one on the
 //! daemon (a container of it, a tag, an export, a later `FROM`) loads the archive
-//! ([`super::docker::Daemon::settle`]).
+//! ([`super::Daemon::settle`]).
 //!
 //! Layout under the directory: `archives/`, a [`BlobStore`] of `docker load` archives
 //! (each holding the layers the daemon may lack; named by blake3, verified when read),
@@ -95,9 +95,10 @@ impl Parked {
     }
 
     fn name_path(&self, name: &str) -> PathBuf {
-        self.dir
-            .join("names")
-            .join(format!("{}.json", super::sha256::hex(name.as_bytes())))
+        self.dir.join("names").join(format!(
+            "{}.json",
+            crate::executor::sha256::hex(name.as_bytes())
+        ))
     }
 
     /// Parks `archive` (a `docker load` archive) under every name given (its `archive`
