@@ -1,5 +1,6 @@
 //! Heredocs: finding `<<WORD` markers on an instruction line (BuildKit's `ParseHeredoc`).
-use super::{is_digit, is_letter, is_re_space, Heredoc};
+use super::gostr::{is_digit, is_letter, is_re_space};
+use super::Heredoc;
 pub(super) fn heredocs_from_line(line: &str) -> Result<Vec<Heredoc>, String> {
     // BuildKit ignores lexing errors here: such a line simply has no heredocs.
     let words = shlex::process_words(line, true, true).unwrap_or_default();
