@@ -17,7 +17,7 @@ use directives::DirectiveState;
 pub(crate) use gostr::{decode_rune, go_lossy};
 use gostr::{is_comment, trim_left_ws, trim_newline};
 use heredoc::heredocs_from_line;
-pub use heredoc::parse_heredoc;
+pub use heredoc::{parse_heredoc, HeredocError};
 use node::node_from_line;
 
 /// Longest physical line BuildKit's line scanner accepts (excluding the `\n`).
@@ -204,7 +204,7 @@ pub fn parse(input: &[u8]) -> Result<Dockerfile, ParseError> {
 
         let mut node = node_from_line(&buf, esc).map_err(at(start))?;
         if can_contain_heredoc(&node) && buf.windows(2).any(|w| w == b"<<") {
-            let docs = heredocs_from_line(&go_lossy(&buf)).map_err(at(start))?;
+            let docs = heredocs_from_line(&go_lossy(&buf)).map_err(|e| at(start)(e.to_string()))?;
             for mut doc in docs {
                 let mut terminated = false;
                 while cur < lines.len() {
