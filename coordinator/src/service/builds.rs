@@ -182,7 +182,7 @@ impl BuildService for BuildServer {
         };
         let no_cache_stages = plan
             .stage_indices(&r.no_cache_filter)
-            .map_err(Status::invalid_argument)?;
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let request = BuildRequest {
             exports: exports(&plan, r.export_image),
             build_id: build_id.clone(),

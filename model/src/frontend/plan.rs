@@ -148,7 +148,7 @@ impl Plan {
     /// The stages `names` designate (`--no-cache-filter`): a stage name (as after `AS`,
     /// any case; the last of duplicates, as `--target` resolves) or an index. Each item
     /// may hold several, comma-separated.
-    pub fn stage_indices(&self, names: &[String]) -> Result<BTreeSet<usize>, String> {
+    pub fn stage_indices(&self, names: &[String]) -> Result<BTreeSet<usize>, NoSuchStage> {
         let mut out = BTreeSet::new();
         for n in names.iter().flat_map(|n| n.split(',')).map(str::trim) {
             if n.is_empty() {
@@ -167,16 +167,32 @@ impl Plan {
                     out.insert(i);
                 }
                 None => {
-                    let known: Vec<String> = self.stages.iter().map(|s| s.display_name()).collect();
-                    return Err(format!(
-                        "--no-cache-filter: no stage named {n:?} (stages: {})",
-                        known.join(", ")
-                    ));
+                    return Err(NoSuchStage {
+                        name: n.to_string(),
+                        stages: self.stages.iter().map(|s| s.display_name()).collect(),
+                    });
                 }
             }
         }
         Ok(out)
     }
+}
+
+/// A `--no-cache-filter` item that names no stage of the plan.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--no-cache-filter: no stage named {name:?} (stages: {})", stages.join(", "))]
+pub struct NoSuchStage {
+    /// The item as given.
+    pub name: String,
+    /// Every stage's display name, in order.
+    pub stages: Vec<String>,
+}
+
+/// A `# syntax=` directive naming a frontend other than the standard Dockerfile one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`# syntax={syntax}` names another frontend; dbuild implements only the standard Dockerfile syntax (docker/dockerfile): remove the directive, or build this file with docker buildx")]
+pub struct UnsupportedSyntax {
+    pub syntax: String,
 }
 
 /// A planning error; `line` is the 1-based Dockerfile line when one is to blame.
@@ -228,7 +244,7 @@ fn default_args(platform: &Platform, target: &str) -> BTreeMap<String, String> {
 
 /// `# syntax=` may only name the standard Dockerfile frontend, which dbuild implements
 /// itself (any tag or digest of `docker/dockerfile` or `docker/dockerfile-upstream`).
-pub fn check_syntax(syntax: &str) -> Result<(), String> {
+pub fn check_syntax(syntax: &str) -> Result<(), UnsupportedSyntax> {
     let name = syntax.split('@').next().unwrap_or(syntax);
     let repo = match name.rsplit_once(':') {
         Some((r, tag)) if !tag.contains('/') => r,
@@ -240,15 +256,15 @@ pub fn check_syntax(syntax: &str) -> Result<(), String> {
     if matches!(repo, "docker/dockerfile" | "docker/dockerfile-upstream") {
         return Ok(());
     }
-    Err(format!(
-        "`# syntax={syntax}` names another frontend; dbuild implements only the standard Dockerfile syntax (docker/dockerfile): remove the directive, or build this file with docker buildx"
-    ))
+    Err(UnsupportedSyntax {
+        syntax: syntax.to_string(),
+    })
 }
 
 /// Plans a parsed Dockerfile.
 pub fn plan(df: &Dockerfile, opts: &PlanOptions) -> Result<Plan, PlanError> {
     if let Some(s) = &df.directives.syntax {
-        check_syntax(s).map_err(|m| at(1, m))?;
+        check_syntax(s).map_err(|e| at(1, e.to_string()))?;
     }
     let lexer = Lexer::new(df.directives.escape);
     // Split into meta ARGs and stages.
