@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::store::{BlobStore, SledStore, Store, StoreError, Tree};
+use crate::sync::lock;
 use model::digest::BlobDigest;
 use model::keys::StageKey;
 
@@ -147,7 +148,7 @@ impl StageCache {
     /// Counts a record's growth into the size bound. Only the writers that add to a record
     /// (`add_artifacts`, `stage_built`) call it: every other write keeps or shrinks one.
     fn grew(&self, from: u64, to: u64) {
-        if let Some(b) = self.approx_bytes.lock().unwrap().as_mut() {
+        if let Some(b) = lock(&self.approx_bytes).as_mut() {
             *b = b.saturating_add(to.saturating_sub(from));
         }
     }
@@ -177,20 +178,17 @@ impl StageCache {
             return false;
         };
         let stamp = (meta.len(), meta.modified().unwrap_or(std::time::UNIX_EPOCH));
-        if self.verified.lock().unwrap().get(&b.digest) == Some(&stamp) {
+        if lock(&self.verified).get(&b.digest) == Some(&stamp) {
             return true;
         }
         match store.verify(&d) {
             Ok(()) => {
-                self.verified
-                    .lock()
-                    .unwrap()
-                    .insert(b.digest.clone(), stamp);
+                lock(&self.verified).insert(b.digest.clone(), stamp);
                 true
             }
             Err(e) => {
                 tracing::error!(error = %e, "cached blob unusable: the stage will be built again");
-                self.verified.lock().unwrap().remove(&b.digest);
+                lock(&self.verified).remove(&b.digest);
                 false
             }
         }
@@ -200,7 +198,7 @@ impl StageCache {
     /// artifact present and every blob it names on disk. Blobs found missing are dropped
     /// from the record for good.
     pub fn find(&self, key: &StageKey, need: &Export) -> Result<Option<StageRecord>, StoreError> {
-        let _g = self.lock.lock().unwrap();
+        let _g = lock(&self.lock);
         let Some(mut r) = self.get(key)? else {
             return Ok(None);
         };
@@ -233,7 +231,7 @@ impl StageCache {
         worker: &str,
         tags: &[String],
     ) -> Result<(), StoreError> {
-        let _g = self.lock.lock().unwrap();
+        let _g = lock(&self.lock);
         if self.get(key)?.is_some() {
             return Ok(());
         }
@@ -252,7 +250,7 @@ impl StageCache {
 
     /// Counts a stage reused instead of built, and touches its record.
     pub fn count_hit(&self, key: &StageKey, name: &str) -> Result<(), StoreError> {
-        let _g = self.lock.lock().unwrap();
+        let _g = lock(&self.lock);
         let Some(mut r) = self.get(key)? else {
             return Ok(());
         };
@@ -268,7 +266,7 @@ impl StageCache {
     /// Records artifacts a worker uploaded for a stage (a later export of the same path
     /// replaces the earlier one).
     pub fn add_artifacts(&self, artifacts: &[Artifact], worker: &str) -> Result<(), StoreError> {
-        let _g = self.lock.lock().unwrap();
+        let _g = lock(&self.lock);
         let now = now_ms();
         let mut by_key: BTreeMap<StageKey, Vec<&Artifact>> = BTreeMap::new();
         for a in artifacts {
@@ -342,7 +340,7 @@ impl StageCache {
             tags,
             contents,
         } = *b;
-        let _g = self.lock.lock().unwrap();
+        let _g = lock(&self.lock);
         let now = now_ms();
         let mut r = self.get(key)?.unwrap_or_else(|| StageRecord {
             key: key.to_hex(),
@@ -385,7 +383,7 @@ impl StageCache {
         image_id: &str,
         contents: &BTreeMap<String, String>,
     ) -> Result<(), StoreError> {
-        let _g = self.lock.lock().unwrap();
+        let _g = lock(&self.lock);
         let Some(mut r) = self.get(key)?.filter(|r| r.image_id == image_id) else {
             return Ok(());
         };

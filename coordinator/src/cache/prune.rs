@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{now_ms, BlobRef, StageCache, StageRecord};
 use crate::store::{BlobStore, StoreError, Tree};
+use crate::sync::lock;
 use model::digest::BlobDigest;
 
 /// What to prune: `all`, or down to `keep_bytes`, and/or everything unused for
@@ -105,14 +106,14 @@ pub struct BlobPins {
 
 impl Drop for BlobPins {
     fn drop(&mut self) {
-        self.cache.pins.lock().unwrap().remove(&self.id);
+        lock(&self.cache.pins).remove(&self.id);
     }
 }
 
 impl StageCache {
     pub(super) fn enforce_cap(&self) -> Result<(), StoreError> {
         if let Some(max) = self.max_bytes {
-            if self.approx_bytes.lock().unwrap().is_some_and(|b| b <= max) {
+            if lock(&self.approx_bytes).is_some_and(|b| b <= max) {
                 return Ok(());
             }
             let r = self.prune_inner(
@@ -141,7 +142,7 @@ impl StageCache {
     }
 
     fn prune_inner(&self, opts: &PruneOptions, explicit: bool) -> Result<PruneReport, StoreError> {
-        let _g = self.lock.lock().unwrap();
+        let _g = lock(&self.lock);
         let mut list = self.list()?;
         // Oldest last use first.
         list.reverse();
@@ -167,7 +168,7 @@ impl StageCache {
                 keep.push(r);
             }
         }
-        *self.approx_bytes.lock().unwrap() = Some(total);
+        *lock(&self.approx_bytes) = Some(total);
         if let Some(blobs) = &self.blobs {
             let kept: BTreeSet<&str> = keep
                 .iter()
@@ -188,11 +189,8 @@ impl StageCache {
             }
             // Context blobs belong to no record: swept once past the grace period (at
             // once for --all), at most every ten minutes when the cap is enforced.
-            let due = self
-                .last_sweep
-                .lock()
-                .unwrap()
-                .is_none_or(|t| t.elapsed() >= Duration::from_secs(600));
+            let due =
+                lock(&self.last_sweep).is_none_or(|t| t.elapsed() >= Duration::from_secs(600));
             if explicit || due {
                 let grace = if opts.all {
                     Duration::ZERO
@@ -208,7 +206,7 @@ impl StageCache {
 
     /// Keeps `digests` (a running build's context) from being swept until the guard drops.
     pub fn pin_blobs(self: &Arc<Self>, digests: impl IntoIterator<Item = String>) -> BlobPins {
-        let mut pins = self.pins.lock().unwrap();
+        let mut pins = lock(&self.pins);
         let id = pins.keys().next_back().map_or(0, |k| k + 1);
         pins.insert(id, digests.into_iter().collect());
         BlobPins {
@@ -226,7 +224,7 @@ impl StageCache {
         report: &mut PruneReport,
     ) -> Result<(), StoreError> {
         // Held to the end: a build pinning its blobs meanwhile waits for the sweep.
-        let pins = self.pins.lock().unwrap();
+        let pins = lock(&self.pins);
         let pinned: BTreeSet<&String> = pins.values().flatten().collect();
         let now = std::time::SystemTime::now();
         for (d, size) in blobs.list()? {
@@ -245,7 +243,7 @@ impl StageCache {
                 report.bytes_freed += size;
             }
         }
-        *self.last_sweep.lock().unwrap() = Some(std::time::Instant::now());
+        *lock(&self.last_sweep) = Some(std::time::Instant::now());
         Ok(())
     }
 }
