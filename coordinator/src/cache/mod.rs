@@ -27,7 +27,7 @@ use prune::BlobRefs;
 pub use model::task::{Artifact, Export};
 pub use prune::{BlobPins, PruneOptions, PruneReport, UNREFERENCED_GRACE};
 pub use record::{BlobRef, CacheStats, StageRecord, StageRecords};
-pub use size::{parse_duration, parse_size};
+pub use size::{parse_duration, parse_size, DurationError, SizeError};
 
 /// The schema of the records below, kept in [`Tree::Meta`] under `stage_records_schema`.
 pub const SCHEMA: &str = "stage-records/1";

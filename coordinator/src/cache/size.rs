@@ -1,16 +1,34 @@
 //! Sizes and durations as the CLI and the environment give them (`500MB`, `7d`).
 use std::time::Duration;
 
+/// A size that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("{input:?} is not a size (e.g. 500MB, 2GiB, 1024)")]
+    NotANumber { input: String },
+    #[error("{input:?}: unknown size unit {unit:?} (use B, KB, MB, GB, KiB, MiB, GiB)")]
+    UnknownUnit { input: String, unit: String },
+}
+
+/// A duration that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("{input:?} is not a duration (e.g. 30m, 24h, 7d)")]
+    NotANumber { input: String },
+    #[error("{input:?}: unknown duration unit {unit:?} (use s, m, h, d, w)")]
+    UnknownUnit { input: String, unit: String },
+}
+
 /// Parses a size: `500MB`, `2GiB`, `1.5G`, `1024` (bytes). Decimal and binary units.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 500MB, 2GiB, 1024)"))?;
+    let n: f64 = num.parse().map_err(|_| SizeError::NotANumber {
+        input: s.to_string(),
+    })?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
@@ -22,22 +40,23 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
         "ti" | "tib" => 1024f64.powi(4),
         other => {
-            return Err(format!(
-                "{s:?}: unknown size unit {other:?} (use B, KB, MB, GB, KiB, MiB, GiB)"
-            ))
+            return Err(SizeError::UnknownUnit {
+                input: s.to_string(),
+                unit: other.to_string(),
+            })
         }
     };
     Ok((n * mult).round() as u64)
 }
 
 /// Parses a duration: `30s`, `15m`, `24h`, `7d`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 30m, 24h, 7d)"))?;
+    let n: u64 = num.parse().map_err(|_| DurationError::NotANumber {
+        input: s.to_string(),
+    })?;
     let secs = match unit {
         "" | "s" => n,
         "m" => n * 60,
@@ -45,9 +64,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "d" => n * 86400,
         "w" => n * 7 * 86400,
         other => {
-            return Err(format!(
-                "{s:?}: unknown duration unit {other:?} (use s, m, h, d, w)"
-            ))
+            return Err(DurationError::UnknownUnit {
+                input: s.to_string(),
+                unit: other.to_string(),
+            })
         }
     };
     Ok(Duration::from_secs(secs))
