@@ -1,9 +1,11 @@
-//! Locks that a panic cannot poison for the rest of the process.
+//! Locking that survives a panic elsewhere.
+//!
+//! The coordinator's mutexes guard caches, counters and plain bookkeeping whose every
+//! update is a single assignment or insert, so a panic while one was held leaves nothing
+//! half-written: the next user takes the data as it is instead of panicking in turn.
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-/// Locks `m`, taking the state as it is if a task panicked while holding it: every
-/// coordinator state behind a mutex is left consistent between statements, and one
-/// panicking build must not fail every later call on the coordinator.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Locks `m`, ignoring poisoning (see the module doc for why that is sound here).
+pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }

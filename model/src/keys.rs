@@ -37,6 +37,13 @@ pub struct InstructionKey(pub [u8; 32]);
 #[serde(into = "String", try_from = "String")]
 pub struct StageKey(pub [u8; 32]);
 
+/// A string that is not a key's 64 hex digits (what a key reads from JSON).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a 64-digit hex key: {value:?}")]
+pub struct NotAKey {
+    pub value: String,
+}
+
 macro_rules! hex_key {
     ($t:ident) => {
         impl $t {
@@ -63,9 +70,9 @@ macro_rules! hex_key {
             }
         }
         impl TryFrom<String> for $t {
-            type Error = String;
-            fn try_from(s: String) -> Result<Self, String> {
-                $t::from_hex(&s).ok_or_else(|| format!("not a 64-digit hex key: {s:?}"))
+            type Error = NotAKey;
+            fn try_from(s: String) -> Result<Self, NotAKey> {
+                $t::from_hex(&s).ok_or(NotAKey { value: s })
             }
         }
     };

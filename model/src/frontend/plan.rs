@@ -9,6 +9,10 @@ use super::expand::{Lexer, VarLookup};
 use super::instructions::{parse_instruction, Instruction};
 use super::parser::{self, Dockerfile, Node};
 
+mod instruction;
+
+use instruction::StageCtx;
+
 /// The platform a build targets (`os/arch[/variant]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Platform {
@@ -144,7 +148,7 @@ impl Plan {
     /// The stages `names` designate (`--no-cache-filter`): a stage name (as after `AS`,
     /// any case; the last of duplicates, as `--target` resolves) or an index. Each item
     /// may hold several, comma-separated.
-    pub fn stage_indices(&self, names: &[String]) -> Result<BTreeSet<usize>, String> {
+    pub fn stage_indices(&self, names: &[String]) -> Result<BTreeSet<usize>, NoSuchStage> {
         let mut out = BTreeSet::new();
         for n in names.iter().flat_map(|n| n.split(',')).map(str::trim) {
             if n.is_empty() {
@@ -163,16 +167,32 @@ impl Plan {
                     out.insert(i);
                 }
                 None => {
-                    let known: Vec<String> = self.stages.iter().map(|s| s.display_name()).collect();
-                    return Err(format!(
-                        "--no-cache-filter: no stage named {n:?} (stages: {})",
-                        known.join(", ")
-                    ));
+                    return Err(NoSuchStage {
+                        name: n.to_string(),
+                        stages: self.stages.iter().map(|s| s.display_name()).collect(),
+                    });
                 }
             }
         }
         Ok(out)
     }
+}
+
+/// A `--no-cache-filter` item that names no stage of the plan.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--no-cache-filter: no stage named {name:?} (stages: {})", stages.join(", "))]
+pub struct NoSuchStage {
+    /// The item as given.
+    pub name: String,
+    /// Every stage's display name, in order.
+    pub stages: Vec<String>,
+}
+
+/// A `# syntax=` directive naming a frontend other than the standard Dockerfile one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`# syntax={syntax}` names another frontend; dbuild implements only the standard Dockerfile syntax (docker/dockerfile): remove the directive, or build this file with docker buildx")]
+pub struct UnsupportedSyntax {
+    pub syntax: String,
 }
 
 /// A planning error; `line` is the 1-based Dockerfile line when one is to blame.
@@ -224,7 +244,7 @@ fn default_args(platform: &Platform, target: &str) -> BTreeMap<String, String> {
 
 /// `# syntax=` may only name the standard Dockerfile frontend, which dbuild implements
 /// itself (any tag or digest of `docker/dockerfile` or `docker/dockerfile-upstream`).
-pub fn check_syntax(syntax: &str) -> Result<(), String> {
+pub fn check_syntax(syntax: &str) -> Result<(), UnsupportedSyntax> {
     let name = syntax.split('@').next().unwrap_or(syntax);
     let repo = match name.rsplit_once(':') {
         Some((r, tag)) if !tag.contains('/') => r,
@@ -236,15 +256,15 @@ pub fn check_syntax(syntax: &str) -> Result<(), String> {
     if matches!(repo, "docker/dockerfile" | "docker/dockerfile-upstream") {
         return Ok(());
     }
-    Err(format!(
-        "`# syntax={syntax}` names another frontend; dbuild implements only the standard Dockerfile syntax (docker/dockerfile): remove the directive, or build this file with docker buildx"
-    ))
+    Err(UnsupportedSyntax {
+        syntax: syntax.to_string(),
+    })
 }
 
 /// Plans a parsed Dockerfile.
 pub fn plan(df: &Dockerfile, opts: &PlanOptions) -> Result<Plan, PlanError> {
     if let Some(s) = &df.directives.syntax {
-        check_syntax(s).map_err(|m| at(1, m))?;
+        check_syntax(s).map_err(|e| at(1, e.to_string()))?;
     }
     let lexer = Lexer::new(df.directives.escape);
     // Split into meta ARGs and stages.
@@ -498,156 +518,4 @@ fn onbuild_triggers(base: &Stage, escape: char) -> Result<Vec<Node>, PlanError> 
         }
     }
     Ok(out)
-}
-
-struct StageCtx<'a> {
-    lexer: Lexer,
-    names: &'a BTreeMap<String, usize>,
-    stage_nodes: &'a [(&'a Node, Vec<&'a Node>)],
-    index: usize,
-    global: &'a Scope,
-    build_args: &'a BTreeMap<String, String>,
-}
-
-impl StageCtx<'_> {
-    fn plan_instruction(
-        &self,
-        node: &Node,
-        scope: &mut Scope,
-        from_onbuild: bool,
-    ) -> Result<PlannedInstruction, PlanError> {
-        let line = node.start_line;
-        let mut instruction = parse_instruction(node).map_err(|e| at(e.line, e.message))?;
-        let raw = instruction.clone();
-        let args_before = scope.args.clone();
-        let mut used: BTreeSet<String> = BTreeSet::new();
-        match &mut instruction {
-            Instruction::Arg(decls) => {
-                for d in decls.iter_mut() {
-                    let value = match (self.build_args.get(&d.name), &d.default) {
-                        (Some(v), _) => Some(v.clone()),
-                        (None, Some(def)) => {
-                            let e = self
-                                .lexer
-                                .expand(def, &*scope)
-                                .map_err(|e| at(line, e.to_string()))?;
-                            used.extend(
-                                e.matched.into_iter().filter(|k| scope.args.contains_key(k)),
-                            );
-                            Some(e.value)
-                        }
-                        (None, None) => self.global.args.get(&d.name).cloned(),
-                    };
-                    d.default = value.clone();
-                    match value {
-                        Some(v) => scope.args.insert(d.name.clone(), v),
-                        None => scope.args.remove(&d.name),
-                    };
-                }
-            }
-            Instruction::From(_) => unreachable!("FROM starts a stage"),
-            other => {
-                let lexer = self.lexer;
-                let snapshot = scope.clone();
-                other.expand(&mut |w: &str| -> Result<String, PlanError> {
-                    let e = lexer
-                        .expand(w, &snapshot)
-                        .map_err(|e| at(line, e.to_string()))?;
-                    used.extend(e.matched.into_iter().filter(|k| {
-                        !snapshot.env.contains_key(k) && snapshot.args.contains_key(k)
-                    }));
-                    Ok(e.value)
-                })?;
-                if let Instruction::Env(pairs) = other {
-                    for (k, v) in pairs.iter() {
-                        scope.env.insert(k.clone(), v.clone());
-                    }
-                }
-            }
-        }
-        let mut copy_from = None;
-        let mut mount_from = Vec::new();
-        match &instruction {
-            Instruction::Copy(c) => {
-                if let Some(f) = &c.from {
-                    copy_from = Some(self.resolve_from(f, line, "COPY --from")?);
-                }
-            }
-            Instruction::Run(r) => {
-                for m in &r.mounts {
-                    mount_from.push(match &m.from {
-                        Some(f) => Some(self.resolve_from(f, line, "RUN --mount from")?),
-                        None => None,
-                    });
-                }
-            }
-            _ => {}
-        }
-        let build_args = if matches!(instruction, Instruction::Run(_)) {
-            scope
-                .args
-                .iter()
-                .filter(|(k, _)| !scope.env.contains_key(*k))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        } else {
-            used.into_iter()
-                .map(|k| {
-                    let v = scope.args.get(&k).cloned().unwrap_or_default();
-                    (k, v)
-                })
-                .collect()
-        };
-        Ok(PlannedInstruction {
-            instruction,
-            raw,
-            args: args_before,
-            source: node.original.trim().to_string(),
-            start_line: node.start_line,
-            end_line: node.end_line,
-            copy_from,
-            mount_from,
-            build_args,
-            from_onbuild,
-        })
-    }
-
-    /// Resolves `--from=<name|index|image>` as BuildKit does: a stage name (any case), an
-    /// index counting every stage, or else an external image.
-    fn resolve_from(&self, from: &str, line: usize, what: &str) -> Result<StageRef, PlanError> {
-        if self.lexer.has_expansion(from) {
-            return Err(at(line, format!(
-                "{what}={from}: variable expansion is not supported for --from, define a new stage with FROM using ARG from global scope as a workaround"
-            )));
-        }
-        let lower = from.to_lowercase();
-        let current = self.stage_nodes[self.index].0;
-        if let Ok(i) = from.parse::<usize>() {
-            return if i < self.index {
-                Ok(StageRef::Stage(i))
-            } else if i == self.index {
-                Err(at(line, format!("circular dependency detected on stage: {what}={from} refers to the stage it is in")))
-            } else if i < self.stage_nodes.len() {
-                Err(at(line, format!("{what}={from} refers to a later stage (line {}); a stage can only use stages defined before it", self.stage_nodes[i].0.start_line)))
-            } else {
-                Err(at(line, format!("invalid stage index {from} in {what}: the Dockerfile has {} stages (0 to {})", self.stage_nodes.len(), self.stage_nodes.len() - 1)))
-            };
-        }
-        if let Some(&i) = self.names.get(&lower) {
-            return Ok(StageRef::Stage(i));
-        }
-        if stage_name_of(current).as_deref() == Some(lower.as_str()) {
-            return Err(at(line, format!("circular dependency detected on stage: {what}={from} refers to the stage it is in")));
-        }
-        if let Some((n, _)) = self.stage_nodes[self.index + 1..]
-            .iter()
-            .find(|(n, _)| stage_name_of(n).as_deref() == Some(lower.as_str()))
-        {
-            return Err(at(line, format!("{what}={from} refers to stage {lower:?} defined later (line {}); a stage can only use stages defined before it", n.start_line)));
-        }
-        if lower == "scratch" {
-            return Ok(StageRef::Scratch);
-        }
-        Ok(StageRef::Image(from.to_string()))
-    }
 }

@@ -1,6 +1,18 @@
 //! Heredocs: finding `<<WORD` markers on an instruction line (BuildKit's `ParseHeredoc`).
-use super::{is_digit, is_letter, is_re_space, Heredoc};
-pub(super) fn heredocs_from_line(line: &str) -> Result<Vec<Heredoc>, String> {
+use super::gostr::{is_digit, is_letter, is_re_space};
+use super::Heredoc;
+
+/// A heredoc word the shell lexer cannot read (an unterminated quote, a bad `${...}`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeredocError {
+    #[error("failed to process {word:?}: {reason}")]
+    Lex { word: String, reason: String },
+    /// The lexer split the delimiter differently with and without its quotes.
+    #[error("internal lexing of heredoc produced inconsistent results: {word}")]
+    Inconsistent { word: String },
+}
+
+pub(super) fn heredocs_from_line(line: &str) -> Result<Vec<Heredoc>, HeredocError> {
     // BuildKit ignores lexing errors here: such a line simply has no heredocs.
     let words = shlex::process_words(line, true, true).unwrap_or_default();
     let mut docs = Vec::new();
@@ -14,7 +26,7 @@ pub(super) fn heredocs_from_line(line: &str) -> Result<Vec<Heredoc>, String> {
 
 /// Recognises one heredoc word (`<<EOF`, `<<-EOF`, `<<"EOF"`, `2<<EOF`, `<< EOF`), as BuildKit's
 /// `ParseHeredoc`. The returned heredoc has no body.
-pub fn parse_heredoc(word: &str) -> Result<Option<Heredoc>, String> {
+pub fn parse_heredoc(word: &str) -> Result<Option<Heredoc>, HeredocError> {
     let digits = word.bytes().take_while(u8::is_ascii_digit).count();
     let Some(after) = word[digits..].strip_prefix("<<") else {
         return Ok(None);
@@ -33,9 +45,9 @@ pub fn parse_heredoc(word: &str) -> Result<Option<Heredoc>, String> {
     }
     let raw = shlex::process_words(rest, true, false)?;
     if raw.len() != words.len() {
-        return Err(format!(
-            "internal lexing of heredoc produced inconsistent results: {rest}"
-        ));
+        return Err(HeredocError::Inconsistent {
+            word: rest.to_string(),
+        });
     }
     let quotes = |s: &str| s.chars().filter(|&c| c == '\'' || c == '"').count();
     Ok(Some(Heredoc {
@@ -51,7 +63,7 @@ pub fn parse_heredoc(word: &str) -> Result<Option<Heredoc>, String> {
 /// quotes and escapes (`\` only), `<<` markers, and `$` references kept as text (no
 /// variables are set).
 mod shlex {
-    use super::{is_digit, is_letter};
+    use super::{is_digit, is_letter, HeredocError};
 
     const ESC: char = '\\';
 
@@ -101,7 +113,7 @@ mod shlex {
         src: &str,
         raw_quotes: bool,
         raw_escapes: bool,
-    ) -> Result<Vec<String>, String> {
+    ) -> Result<Vec<String>, HeredocError> {
         let mut chars: Vec<char> = src.chars().collect();
         if chars.first() == Some(&'\u{FEFF}') {
             chars.remove(0); // text/scanner skips a leading BOM
@@ -114,7 +126,10 @@ mod shlex {
         };
         lx.stop_on(None, raw_escapes)
             .map(|(_, words)| words)
-            .map_err(|e| format!("failed to process {src:?}: {e}"))
+            .map_err(|reason| HeredocError::Lex {
+                word: src.to_string(),
+                reason,
+            })
     }
 
     impl Lexer {

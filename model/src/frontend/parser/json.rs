@@ -1,5 +1,5 @@
 //! JSON arrays in exec-form instructions, decoded with the rules of Go's encoding/json.
-use super::{decode_rune, trim_left_ws};
+use super::gostr::{decode_rune, trim_left_ws};
 pub(super) enum Json {
     Strings(Vec<Vec<u8>>),
     /// Valid JSON, but an element is not a string: an error for the instruction.
