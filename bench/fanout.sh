@@ -72,7 +72,7 @@ echo "| --- | ---: |"
 printf '| critical-path bound (one sleep 3) | 3.00 |\n'
 printf '| container API floor (6 concurrent docker run, no layer kept) | %.2f |\n' "$(printf '%s\n' "${floor[@]}" | median)"
 printf '| BuildKit (DOCKER_BUILDKIT=1) | %.2f |\n' "$(printf '%s\n' "${bk[@]}" | median)"
-printf '| dbuild submit (embedded, default --jobs = %s cores) | %.2f |\n' "$(nproc)" "$(printf '%s\n' "${db[@]}" | median)"
+printf '| dbuild submit (embedded, default --jobs) | %.2f |\n' "$(printf '%s\n' "${db[@]}" | median)"
 printf '| dbuild submit --jobs 6 | %.2f |\n' "$(printf '%s\n' "${db6[@]}" | median)"
 if [ ${#legacy[@]} -gt 0 ]; then
   printf '| legacy builder | %.2f |\n' "$(printf '%s\n' "${legacy[@]}" | median)"

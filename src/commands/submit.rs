@@ -51,7 +51,7 @@ pub struct SubmitArgs {
     /// Write the final image id to this file.
     #[arg(long)]
     pub iidfile: Option<PathBuf>,
-    /// Stages built at the same time (default: the number of cores).
+    /// Stages built at the same time (default: every ready stage, up to 64).
     #[arg(long)]
     pub jobs: Option<usize>,
     /// Network for RUN instructions: default, none or host (as `docker build --network`).
@@ -116,6 +116,12 @@ pub fn run(args: SubmitArgs) -> anyhow::Result<()> {
     runtime.block_on(submit(&args)).map(|_| ())
 }
 
+/// `--jobs` when not given: every ready stage, as BuildKit runs every ready step. Stage
+/// work waits on the daemon (containers, image writes), not on this process's CPU, so
+/// the number of cores is no limit to aim for; the cap keeps a Dockerfile of hundreds of
+/// independent stages from starting hundreds of containers at once.
+pub const DEFAULT_JOBS: usize = 64;
+
 /// What a successful build did.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Summary {
@@ -142,9 +148,7 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
             .with_scratch_dir(&data.join("tmp"))
             .with_park_dir(&data.join(worker::executor::park::DIR)),
     );
-    let jobs = args
-        .jobs
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let jobs = args.jobs.unwrap_or(DEFAULT_JOBS);
     let mut session = Session::new(Arc::clone(&local) as Arc<dyn Executor>, jobs)
         .with_single_flight(data.join("locks"));
     // The stage cache shares the index with the history; another dbuild holding the
