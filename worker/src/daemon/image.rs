@@ -420,7 +420,23 @@ impl Daemon {
 
     /// An image's layer diff ids, in order (none when the daemon lacks it).
     pub async fn image_layers(&self, image: &str) -> Vec<String> {
-        crate::image_cap::image_layers(&self.docker, image).await
+        timed("inspect_image", self.docker.inspect_image(image))
+            .await
+            .ok()
+            .and_then(|i| i.root_fs)
+            .and_then(|r| r.layers)
+            .unwrap_or_default()
+    }
+
+    /// Every top-level image on the daemon (`docker images`: ids, tags, sizes, creation
+    /// times).
+    pub async fn list_images(
+        &self,
+    ) -> Result<Vec<bollard::models::ImageSummary>, bollard::errors::Error> {
+        let opts = bollard::query_parameters::ListImagesOptionsBuilder::default()
+            .all(false)
+            .build();
+        timed("list_images", self.docker.list_images(Some(opts))).await
     }
 }
 
