@@ -89,7 +89,7 @@ impl Resources {
         let volumes = std::mem::take(&mut *self.volumes.lock());
         for v in volumes.iter().rev() {
             let opts = RemoveVolumeOptionsBuilder::default().force(true).build();
-            if let Err(e) = docker.remove_volume(v, Some(opts)).await {
+            if let Err(e) = timed("rm_volume", docker.remove_volume(v, Some(opts))).await {
                 if !is_not_found(&e) {
                     tracing::warn!(volume = %v, error = %e, "could not remove volume");
                 }
@@ -281,20 +281,24 @@ impl Daemon {
             cmd: Some(vec!["/".into()]),
             ..Default::default()
         };
-        self.docker
-            .create_container(Some(opts), body)
-            .await
-            .map(drop)
-            .map_err(DaemonError::docker("create container of", image))
+        timed(
+            "create_container",
+            self.docker.create_container(Some(opts), body),
+        )
+        .await
+        .map(drop)
+        .map_err(DaemonError::docker("create container of", image))
     }
 
     /// Removes a container, running or not (its anonymous volumes are kept).
     pub async fn remove_container(&self, name: &str) -> Result<(), DaemonError> {
         let opts = RemoveContainerOptionsBuilder::default().force(true).build();
-        self.docker
-            .remove_container(name, Some(opts))
-            .await
-            .map_err(DaemonError::docker("remove container", name))
+        timed(
+            "rm_container",
+            self.docker.remove_container(name, Some(opts)),
+        )
+        .await
+        .map_err(DaemonError::docker("remove container", name))
     }
 
     /// The tar archive of `path` in a container, as a stream of chunks (never held whole).

@@ -109,7 +109,7 @@ pub async fn timed<T>(what: &str, f: impl std::future::Future<Output = T>) -> T 
 /// Whether this process can read the daemon's storage directory
 /// (`<DockerRootDir>/<driver>`).
 async fn sees_storage(docker: &Docker) -> bool {
-    let Ok(info) = docker.info().await else {
+    let Ok(info) = timed("info", docker.info()).await else {
         return false;
     };
     let (Some(root), Some(driver)) = (info.docker_root_dir, info.driver) else {
