@@ -1,6 +1,7 @@
 //! Containers: the containers, volumes and images a stage makes ([`Resources`], removed
-//! whatever happens), and file operations inside a container (stat, archive read and
-//! write, commit).
+//! whatever happens), file operations inside a container (stat, archive read and
+//! write, commit), and a RUN container's life (start, logs, wait, kill, its change list,
+//! its storage driver's directories).
 use bollard::container::LogOutput;
 use bollard::models::{ContainerCreateBody, DriverData, FilesystemChange};
 use bollard::query_parameters::{
