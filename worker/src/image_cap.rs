@@ -10,8 +10,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use bollard::query_parameters::{ListImagesOptionsBuilder, RemoveImageOptionsBuilder};
-use bollard::Docker;
+use crate::daemon::Daemon;
 
 /// Images used this recently are never evicted.
 pub const RECENT: Duration = Duration::from_secs(600);
@@ -39,17 +38,6 @@ pub enum CapError {
     RemoveParked(#[source] std::io::Error),
 }
 
-/// An image's layer diff ids, in order (none when the daemon lacks it).
-pub async fn image_layers(docker: &Docker, image: &str) -> Vec<String> {
-    docker
-        .inspect_image(image)
-        .await
-        .ok()
-        .and_then(|i| i.root_fs)
-        .and_then(|r| r.layers)
-        .unwrap_or_default()
-}
-
 /// One of dbuild's images, as the cap weighs it.
 struct Candidate {
     /// Last use; `None` while a running task uses it (never evicted then).
@@ -61,7 +49,7 @@ struct Candidate {
 }
 
 pub struct ImageCap {
-    docker: Docker,
+    daemon: Daemon,
     cap: u64,
     /// Tag → last use, for the tags this process has used (others count by creation).
     used: Mutex<HashMap<String, SystemTime>>,
@@ -78,9 +66,9 @@ pub struct ImageCap {
 }
 
 impl ImageCap {
-    pub fn new(docker: Docker, cap: u64) -> Self {
+    pub fn new(daemon: Daemon, cap: u64) -> Self {
         ImageCap {
-            docker,
+            daemon,
             cap,
             used: Mutex::default(),
             layers: Mutex::default(),
@@ -138,8 +126,8 @@ impl ImageCap {
 
     async fn enforce_now(&self) -> Result<CapReport, CapError> {
         let images = self
-            .docker
-            .list_images(Some(ListImagesOptionsBuilder::default().all(false).build()))
+            .daemon
+            .list_images()
             .await
             .map_err(CapError::ListImages)?;
         // Layer lists (immutable per image id) of every image, to find what each of ours
@@ -223,8 +211,7 @@ impl ImageCap {
             let mut removed = true;
             for t in tags {
                 // Without force: an image a container still uses stays.
-                let opts = RemoveImageOptionsBuilder::default().build();
-                if self.docker.remove_image(t, Some(opts), None).await.is_err() {
+                if self.daemon.remove_image(t, true).await.is_err() {
                     removed = false;
                 }
             }
@@ -275,7 +262,7 @@ impl ImageCap {
         if let Some(l) = self.layers.lock().get(id) {
             return l.clone();
         }
-        let l = image_layers(&self.docker, id).await;
+        let l = self.daemon.image_layers(id).await;
         self.layers.lock().insert(id.to_string(), l.clone());
         l
     }

@@ -81,7 +81,7 @@ async fn the_upper_dir_layer_holds_exactly_what_the_run_changed() {
         .trim()
         .to_string();
     assert_eq!(docker(&["wait", &c]).unwrap().trim(), "0");
-    let dirs = upper::container_dirs(ex.docker(), &c)
+    let dirs = upper::container_dirs(ex.daemon(), &c)
         .await
         .expect("the upper directory of a container on this daemon");
     let layer = upper::layer_from_upper(&dirs, 1 << 20)

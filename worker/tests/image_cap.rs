@@ -44,11 +44,7 @@ async fn least_recently_used_images_go_first_until_they_fit() {
     for t in &tags {
         image(t, 1024);
     }
-    let docker = bollard::Docker::connect_with_local_defaults()
-        .unwrap()
-        .negotiate_version()
-        .await
-        .unwrap();
+    let docker = worker::daemon::Daemon::connect(None).await.unwrap();
     let scoped = format!("{prefix}:");
     let cap = ImageCap::new(docker.clone(), 2_500_000).scoped(&[&scoped], Duration::ZERO);
     // Used in the order a, b, c: a is the least recently used.
@@ -73,30 +69,16 @@ async fn least_recently_used_images_go_first_until_they_fit() {
     assert!(exists(&tags[1]));
 
     // Recently used images are never evicted, whatever the cap.
-    let guarded = ImageCap::new(
-        bollard::Docker::connect_with_local_defaults()
-            .unwrap()
-            .negotiate_version()
-            .await
-            .unwrap(),
-        0,
-    )
-    .scoped(&[&scoped], Duration::from_secs(600));
+    let guarded = ImageCap::new(worker::daemon::Daemon::connect(None).await.unwrap(), 0)
+        .scoped(&[&scoped], Duration::from_secs(600));
     guarded.touch([tags[1].clone()]);
     let r = guarded.enforce().await.unwrap();
     assert_eq!(r.images_removed, 0);
     assert!(exists(&tags[1]));
 
     // A running task's images stay, however long it runs; once it ends they can go.
-    let none_recent = ImageCap::new(
-        bollard::Docker::connect_with_local_defaults()
-            .unwrap()
-            .negotiate_version()
-            .await
-            .unwrap(),
-        0,
-    )
-    .scoped(&[&scoped], Duration::ZERO);
+    let none_recent = ImageCap::new(worker::daemon::Daemon::connect(None).await.unwrap(), 0)
+        .scoped(&[&scoped], Duration::ZERO);
     none_recent.begin("task-1", vec![tags[1].clone()]);
     assert_eq!(none_recent.enforce().await.unwrap().images_removed, 0);
     assert!(exists(&tags[1]));
@@ -125,11 +107,7 @@ async fn parked_images_count_and_go_least_recently_used_first() {
             .unwrap();
         std::thread::sleep(Duration::from_millis(20));
     }
-    let docker = bollard::Docker::connect_with_local_defaults()
-        .unwrap()
-        .negotiate_version()
-        .await
-        .unwrap();
+    let docker = worker::daemon::Daemon::connect(None).await.unwrap();
     // No daemon image in scope: only the parked ones weigh.
     let scope = format!("dbuild-parkcaptest-{}:", std::process::id());
     let cap = ImageCap::new(docker, 2500)

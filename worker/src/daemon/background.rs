@@ -8,7 +8,7 @@ use futures::FutureExt;
 use model::task::StageError;
 
 use super::image::{config_id, send_load};
-use super::{Daemon, ImageState, NewLayers};
+use super::{timed, Daemon, ImageState, NewLayers};
 
 /// A background `docker load` (and the removal of the temporary images whose layers it
 /// refers to), awaited by whoever needs one of its images.
@@ -130,7 +130,7 @@ impl Daemon {
             let _ = load.await;
             for i in images.iter().rev() {
                 let opts = RemoveImageOptionsBuilder::default().noprune(true).build();
-                let _ = docker.remove_image(i, Some(opts), None).await;
+                let _ = timed("rm_image", docker.remove_image(i, Some(opts), None)).await;
             }
             Ok(())
         }

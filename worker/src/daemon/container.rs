@@ -1,12 +1,14 @@
 //! Containers: the containers, volumes and images a stage makes ([`Resources`], removed
-//! whatever happens), and file operations inside a container (stat, archive read and
-//! write, commit).
-use bollard::models::ContainerCreateBody;
+//! whatever happens), file operations inside a container (stat, archive read and
+//! write, commit), and a RUN container's life (start, logs, wait, kill, its change list,
+//! its storage driver's directories).
+use bollard::container::LogOutput;
+use bollard::models::{ContainerCreateBody, DriverData, FilesystemChange};
 use bollard::query_parameters::{
     CommitContainerOptionsBuilder, ContainerArchiveInfoOptionsBuilder,
     CreateContainerOptionsBuilder, DownloadFromContainerOptionsBuilder,
-    RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder, RemoveVolumeOptionsBuilder,
-    UploadToContainerOptionsBuilder,
+    KillContainerOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    RemoveImageOptionsBuilder, RemoveVolumeOptionsBuilder, UploadToContainerOptionsBuilder,
 };
 use futures::StreamExt;
 use model::task::StageError;
@@ -88,7 +90,7 @@ impl Resources {
         let volumes = std::mem::take(&mut *self.volumes.lock());
         for v in volumes.iter().rev() {
             let opts = RemoveVolumeOptionsBuilder::default().force(true).build();
-            if let Err(e) = docker.remove_volume(v, Some(opts)).await {
+            if let Err(e) = timed("rm_volume", docker.remove_volume(v, Some(opts))).await {
                 if !is_not_found(&e) {
                     tracing::warn!(volume = %v, error = %e, "could not remove volume");
                 }
@@ -117,21 +119,10 @@ impl Daemon {
         container: &str,
         path: &str,
     ) -> Result<(u32, u32, u32), StageError> {
-        let opts = DownloadFromContainerOptionsBuilder::default()
-            .path(path)
-            .build();
-        let mut stream = self.docker.download_from_container(container, Some(opts));
-        let mut buf = Vec::new();
         // A header, plus room for a PAX header before it.
-        while buf.len() < 4096 {
-            match stream.next().await {
-                Some(chunk) => buf.extend_from_slice(
-                    &chunk.map_err(|e| derr(format!("read {path} from container"), e))?,
-                ),
-                None => break,
-            }
-        }
-        drop(stream);
+        let buf = self
+            .download_while(container, path, |buf| buf.len() < 4096)
+            .await?;
         let mut ar = tar::Archive::new(buf.as_slice());
         let first = ar
             .entries()
@@ -291,20 +282,24 @@ impl Daemon {
             cmd: Some(vec!["/".into()]),
             ..Default::default()
         };
-        self.docker
-            .create_container(Some(opts), body)
-            .await
-            .map(drop)
-            .map_err(DaemonError::docker("create container of", image))
+        timed(
+            "create_container",
+            self.docker.create_container(Some(opts), body),
+        )
+        .await
+        .map(drop)
+        .map_err(DaemonError::docker("create container of", image))
     }
 
     /// Removes a container, running or not (its anonymous volumes are kept).
     pub async fn remove_container(&self, name: &str) -> Result<(), DaemonError> {
         let opts = RemoveContainerOptionsBuilder::default().force(true).build();
-        self.docker
-            .remove_container(name, Some(opts))
-            .await
-            .map_err(DaemonError::docker("remove container", name))
+        timed(
+            "rm_container",
+            self.docker.remove_container(name, Some(opts)),
+        )
+        .await
+        .map_err(DaemonError::docker("remove container", name))
     }
 
     /// The tar archive of `path` in a container, as a stream of chunks (never held whole).
@@ -320,5 +315,110 @@ impl Daemon {
         self.docker
             .download_from_container(container, Some(opts))
             .map(move |c| c.map_err(DaemonError::docker("read from container", path.clone())))
+    }
+}
+
+/// A RUN container's life: start, output, exit, kill; and what it changed.
+impl Daemon {
+    /// Starts a RUN container made by [`Self::create`].
+    pub async fn start(&self, container: &str) -> Result<(), StageError> {
+        timed("start", self.docker.start_container(container, None))
+            .await
+            .map_err(|e| derr("start RUN container", e))
+    }
+
+    /// Follows a started container's stdout and stderr until it exits (or the stream
+    /// fails), handing each chunk to `each` as it comes.
+    pub async fn follow_logs(&self, container: &str, mut each: impl FnMut(LogOutput)) {
+        let opts = LogsOptionsBuilder::default()
+            .follow(true)
+            .stdout(true)
+            .stderr(true)
+            .build();
+        let mut stream = self.docker.logs(container, Some(opts));
+        timed("logs", async {
+            while let Some(Ok(out)) = stream.next().await {
+                each(out);
+            }
+        })
+        .await
+    }
+
+    /// Waits for a RUN container to exit; returns its exit code.
+    ///
+    /// Cancel safe: dropping the future only stops waiting (the container runs on).
+    pub async fn wait(&self, container: &str) -> Result<i64, StageError> {
+        let mut wait = self.docker.wait_container(container, None);
+        timed("wait", async {
+            match wait.next().await {
+                Some(Ok(r)) => Ok(r.status_code),
+                // A non-zero exit comes as this error.
+                Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => {
+                    Ok(code)
+                }
+                Some(Err(e)) => Err(derr("wait for RUN container", e)),
+                None => Err(StageError::new("wait for RUN container: no answer")),
+            }
+        })
+        .await
+    }
+
+    /// Kills a container with `SIGKILL` (removing it is left to [`Resources::cleanup`]).
+    pub async fn kill(&self, container: &str) -> Result<(), DaemonError> {
+        let opts = KillContainerOptionsBuilder::default()
+            .signal("SIGKILL")
+            .build();
+        timed("kill", self.docker.kill_container(container, Some(opts)))
+            .await
+            .map_err(DaemonError::docker("kill container", container))
+    }
+
+    /// The container's change list against its image (`GET /containers/{id}/changes`,
+    /// the diff a commit makes); empty when the daemon sends none.
+    pub async fn changes(&self, container: &str) -> Result<Vec<FilesystemChange>, StageError> {
+        timed("changes", self.docker.container_changes(container))
+            .await
+            .map(Option::unwrap_or_default)
+            .map_err(|e| derr("list the container's changes", e))
+    }
+
+    /// The storage driver's data of a container (its name, and for an overlay its
+    /// `UpperDir` and `LowerDir`), `None` when the daemon cannot tell.
+    pub async fn graph_driver(&self, container: &str) -> Option<DriverData> {
+        timed(
+            "inspect_container",
+            self.docker.inspect_container(container, None),
+        )
+        .await
+        .ok()?
+        .graph_driver
+    }
+
+    /// The first part of the tar archive of `path` in a container: chunks are read while
+    /// `more` says the bytes so far call for more (or until the archive ends); the rest
+    /// is never read.
+    pub async fn download_while(
+        &self,
+        container: &str,
+        path: &str,
+        mut more: impl FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<u8>, StageError> {
+        let opts = DownloadFromContainerOptionsBuilder::default()
+            .path(path)
+            .build();
+        let mut stream = self.docker.download_from_container(container, Some(opts));
+        timed("download_part", async {
+            let mut buf = Vec::new();
+            while more(&buf) {
+                match stream.next().await {
+                    Some(chunk) => buf.extend_from_slice(
+                        &chunk.map_err(|e| derr(format!("read {path} from container"), e))?,
+                    ),
+                    None => break,
+                }
+            }
+            Ok(buf)
+        })
+        .await
     }
 }

@@ -314,10 +314,13 @@ impl Daemon {
         let mut s =
             self.docker
                 .import_image(opts, bollard::body_try_stream(file_chunks(archive)), None);
-        while let Some(r) = s.next().await {
-            r.map_err(DaemonError::docker("docker load", ""))?;
-        }
-        Ok(())
+        timed("load_file", async {
+            while let Some(r) = s.next().await {
+                r.map_err(DaemonError::docker("docker load", ""))?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// `docker save` of `image` into the file at `path` (created or truncated).
@@ -331,11 +334,14 @@ impl Daemon {
             .await
             .map_err(DaemonError::io(path))?;
         let mut stream = self.docker.export_image(image);
-        while let Some(chunk) = stream.next().await {
-            let c = chunk.map_err(DaemonError::docker("save image", image))?;
-            f.write_all(&c).await.map_err(DaemonError::io(path))?;
-        }
-        f.flush().await.map_err(DaemonError::io(path))
+        timed("save", async {
+            while let Some(chunk) = stream.next().await {
+                let c = chunk.map_err(DaemonError::docker("save image", image))?;
+                f.write_all(&c).await.map_err(DaemonError::io(path))?;
+            }
+            f.flush().await.map_err(DaemonError::io(path))
+        })
+        .await
     }
 
     /// `docker import` of a root filesystem tar file as the image `reference`
@@ -356,10 +362,13 @@ impl Daemon {
             Some(bollard::body_try_stream(file_chunks(rootfs))),
             None,
         );
-        while let Some(r) = s.next().await {
-            r.map_err(DaemonError::docker("import", reference))?;
-        }
-        Ok(())
+        timed("import", async {
+            while let Some(r) = s.next().await {
+                r.map_err(DaemonError::docker("import", reference))?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Pulls `reference` from its registry; the registry's error as the daemon gave it.
@@ -368,10 +377,13 @@ impl Daemon {
             .from_image(reference)
             .build();
         let mut stream = self.docker.create_image(Some(opts), None, None);
-        while let Some(item) = stream.next().await {
-            item?;
-        }
-        Ok(())
+        timed("pull", async {
+            while let Some(item) = stream.next().await {
+                item?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Tags `image` as `repo:tag`, as it is (nothing waited for; see [`Self::tag`]).
@@ -380,8 +392,7 @@ impl Daemon {
             .repo(repo)
             .tag(tag)
             .build();
-        self.docker
-            .tag_image(image, Some(opts))
+        timed("tag", self.docker.tag_image(image, Some(opts)))
             .await
             .map_err(DaemonError::docker(
                 "tag",
@@ -408,9 +419,7 @@ impl Daemon {
         let opts = bollard::query_parameters::ListImagesOptionsBuilder::default()
             .filters(&HashMap::from([("reference", vec![filter])]))
             .build();
-        Ok(self
-            .docker
-            .list_images(Some(opts))
+        Ok(timed("list_images", self.docker.list_images(Some(opts)))
             .await
             .map_err(DaemonError::docker("list images", filter))?
             .into_iter()
@@ -420,7 +429,23 @@ impl Daemon {
 
     /// An image's layer diff ids, in order (none when the daemon lacks it).
     pub async fn image_layers(&self, image: &str) -> Vec<String> {
-        crate::image_cap::image_layers(&self.docker, image).await
+        timed("inspect_image", self.docker.inspect_image(image))
+            .await
+            .ok()
+            .and_then(|i| i.root_fs)
+            .and_then(|r| r.layers)
+            .unwrap_or_default()
+    }
+
+    /// Every top-level image on the daemon (`docker images`: ids, tags, sizes, creation
+    /// times).
+    pub async fn list_images(
+        &self,
+    ) -> Result<Vec<bollard::models::ImageSummary>, bollard::errors::Error> {
+        let opts = bollard::query_parameters::ListImagesOptionsBuilder::default()
+            .all(false)
+            .build();
+        timed("list_images", self.docker.list_images(Some(opts))).await
     }
 }
 
@@ -428,8 +453,7 @@ impl Daemon {
     /// The id of the image the daemon holds under `reference`, if it can tell (nothing
     /// waited for, nothing loaded).
     pub async fn image_id(&self, reference: &str) -> Option<String> {
-        self.docker
-            .inspect_image(reference)
+        timed("inspect_image", self.docker.inspect_image(reference))
             .await
             .ok()
             .and_then(|i| i.id)

@@ -7,7 +7,9 @@
 //! - `background.rs`: loads in the background, batched, and `settle` (waiting for them).
 //! - `park.rs` + `parking.rs`: stage images parked beside the daemon instead of loaded.
 //! - `container.rs`: the containers, volumes and images a stage makes (`Resources`), and
-//!   file operations inside containers (stat, archive read and write, commit).
+//!   file operations inside containers (stat, archive read and write, commit), and a RUN
+//!   container's life (start, logs, wait, kill, its change list).
+//! - `volume.rs`: the temporary volumes a RUN's mounts fill, and cache-mount volumes.
 //!
 //! Why `docker load` for configs: `POST /commit` merges the container's config into the
 //! one given (a RUN's command leaks into `Cmd`, nothing can be unset), and creating a
@@ -20,6 +22,7 @@ mod container;
 mod image;
 pub mod park;
 mod parking;
+mod volume;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -106,7 +109,7 @@ pub async fn timed<T>(what: &str, f: impl std::future::Future<Output = T>) -> T 
 /// Whether this process can read the daemon's storage directory
 /// (`<DockerRootDir>/<driver>`).
 async fn sees_storage(docker: &Docker) -> bool {
-    let Ok(info) = docker.info().await else {
+    let Ok(info) = timed("info", docker.info()).await else {
         return false;
     };
     let (Some(root), Some(driver)) = (info.docker_root_dir, info.driver) else {
@@ -152,7 +155,7 @@ pub fn is_not_found(e: &bollard::errors::Error) -> bool {
 /// The daemon connection plus the names this executor gives to what it makes.
 #[derive(Clone)]
 pub struct Daemon {
-    pub(crate) docker: Docker,
+    docker: Docker,
     /// `dbuild-w-<worker>`: prefix of every container and temporary volume name.
     pub prefix: String,
     counter: Arc<AtomicU64>,

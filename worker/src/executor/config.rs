@@ -168,6 +168,48 @@ impl ImageConfig {
     }
 }
 
+/// Why a config-only instruction could not be applied (BuildKit's messages).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// An EXPOSE port spec.
+    #[error(transparent)]
+    Port(#[from] PortError),
+    #[error("VOLUME specified can not be an empty string")]
+    EmptyVolume,
+    /// A HEALTHCHECK duration flag (`interval`, `timeout`, ...).
+    #[error("--{flag}: {source}")]
+    Healthcheck {
+        flag: &'static str,
+        source: DurationError,
+    },
+}
+
+/// A Go duration that does not parse (Go's `time.ParseDuration` messages).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("time: invalid duration {0:?}")]
+    Invalid(String),
+    #[error("time: missing unit in duration {0:?}")]
+    MissingUnit(String),
+    #[error("time: unknown unit {unit:?} in duration {input:?}")]
+    UnknownUnit { unit: String, input: String },
+}
+
+/// An EXPOSE port spec that does not parse (the container part, as given).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortError {
+    #[error("invalid containerPort: {0}")]
+    Invalid(String),
+    #[error("invalid range specified for containerPort: {0}")]
+    Range(String),
+}
+
+impl From<ConfigError> for model::task::StageError {
+    fn from(e: ConfigError) -> Self {
+        model::task::StageError::new(e.to_string())
+    }
+}
+
 /// Per-stage state BuildKit keeps beside the config.
 #[derive(Debug, Clone, Default)]
 pub struct StageFlags {
@@ -183,7 +225,7 @@ pub fn apply(
     flags: &mut StageFlags,
     author: &mut Option<String>,
     ins: &Instruction,
-) -> Result<bool, String> {
+) -> Result<bool, ConfigError> {
     match ins {
         Instruction::Env(pairs) => {
             for (k, v) in pairs {
@@ -208,7 +250,7 @@ pub fn apply(
         Instruction::Volume(vols) => {
             for v in vols {
                 if v.trim().is_empty() {
-                    return Err("VOLUME specified can not be an empty string".into());
+                    return Err(ConfigError::EmptyVolume);
                 }
                 config.volumes.insert(v.clone(), Empty {});
             }
@@ -261,7 +303,7 @@ pub fn clean_abs(p: &str) -> String {
     format!("/{}", parts.join("/"))
 }
 
-fn health(config: &ImageConfig, h: &Healthcheck) -> Result<HealthConfig, String> {
+fn health(config: &ImageConfig, h: &Healthcheck) -> Result<HealthConfig, ConfigError> {
     Ok(match h {
         Healthcheck::None => HealthConfig {
             test: vec!["NONE".into()],
@@ -283,10 +325,11 @@ fn health(config: &ImageConfig, h: &Healthcheck) -> Result<HealthConfig, String>
             } else {
                 vec!["CMD-SHELL".into(), test.args.join(" ")]
             };
-            let d = |v: &Option<String>, what: &str| -> Result<i64, String> {
+            let d = |v: &Option<String>, flag: &'static str| -> Result<i64, ConfigError> {
                 match v {
                     None => Ok(0),
-                    Some(s) => parse_duration(s).map_err(|e| format!("--{what}: {e}")),
+                    Some(s) => parse_duration(s)
+                        .map_err(|source| ConfigError::Healthcheck { flag, source }),
                 }
             };
             HealthConfig {
@@ -302,8 +345,8 @@ fn health(config: &ImageConfig, h: &Healthcheck) -> Result<HealthConfig, String>
 }
 
 /// Parses a Go duration (`1m30s`, `500ms`, `1.5h`) into nanoseconds.
-pub fn parse_duration(s: &str) -> Result<i64, String> {
-    let bad = || format!("time: invalid duration {s:?}");
+pub fn parse_duration(s: &str) -> Result<i64, DurationError> {
+    let bad = || DurationError::Invalid(s.to_string());
     if s == "0" {
         return Ok(0);
     }
@@ -318,7 +361,7 @@ pub fn parse_duration(s: &str) -> Result<i64, String> {
     while !rest.is_empty() {
         let num_len = rest
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("time: missing unit in duration {s:?}"))?;
+            .ok_or_else(|| DurationError::MissingUnit(s.to_string()))?;
         if num_len == 0 {
             return Err(bad());
         }
@@ -334,7 +377,12 @@ pub fn parse_duration(s: &str) -> Result<i64, String> {
             "s" => 1e9,
             "m" => 60e9,
             "h" => 3600e9,
-            u => return Err(format!("time: unknown unit {u:?} in duration {s:?}")),
+            u => {
+                return Err(DurationError::UnknownUnit {
+                    unit: u.to_string(),
+                    input: s.to_string(),
+                })
+            }
         };
         total += value * unit;
         rest = &rest[unit_len..];
@@ -344,14 +392,14 @@ pub fn parse_duration(s: &str) -> Result<i64, String> {
 }
 
 /// `80`, `80/tcp`, `53/UDP`, `8000-8002` → `["80/tcp"]`, ... (BuildKit's port specs).
-pub fn expand_port(spec: &str) -> Result<Vec<String>, String> {
+pub fn expand_port(spec: &str) -> Result<Vec<String>, PortError> {
     let (ports, proto) = match spec.rsplit_once('/') {
         Some((p, proto)) => (p, proto.to_lowercase()),
         None => (spec, "tcp".to_string()),
     };
     // `ip:host:container` specs keep only the container part, as nat.ParsePortSpecs does.
     let ports = ports.rsplit(':').next().unwrap_or(ports);
-    let bad = || format!("invalid containerPort: {ports}");
+    let bad = || PortError::Invalid(ports.to_string());
     let (lo, hi) = match ports.split_once('-') {
         Some((a, b)) => (
             a.parse::<u16>().map_err(|_| bad())?,
@@ -363,9 +411,7 @@ pub fn expand_port(spec: &str) -> Result<Vec<String>, String> {
         }
     };
     if hi < lo {
-        return Err(format!(
-            "invalid range specified for containerPort: {ports}"
-        ));
+        return Err(PortError::Range(ports.to_string()));
     }
     Ok((lo..=hi).map(|p| format!("{p}/{proto}")).collect())
 }

@@ -21,12 +21,11 @@
 use std::collections::BTreeSet;
 
 use bollard::models::ChangeType;
-use bollard::query_parameters::DownloadFromContainerOptionsBuilder;
 use futures::StreamExt;
 use model::task::StageError;
 
 use super::copy as cp;
-use crate::daemon::{derr, timed, Daemon};
+use crate::daemon::{timed, Daemon};
 
 /// At most this many archive calls per RUN layer.
 pub const MAX_FETCHES: usize = 256;
@@ -72,7 +71,7 @@ pub async fn layer_from_changes(
     targets: &[String],
 ) -> Result<Option<Option<RunLayer>>, StageError> {
     if skip.is_empty() && targets.is_empty() && daemon.reads_upper_dirs().await {
-        if let Some(dirs) = super::upper::container_dirs(&daemon.docker, container).await {
+        if let Some(dirs) = super::upper::container_dirs(daemon, container).await {
             let read = tokio::task::spawn_blocking(move || {
                 super::upper::layer_from_upper(&dirs, MAX_BYTES)
             });
@@ -85,10 +84,7 @@ pub async fn layer_from_changes(
             }
         }
     }
-    let changes = timed("changes", daemon.docker.container_changes(container))
-        .await
-        .map_err(|e| derr("list the container's changes", e))?
-        .unwrap_or_default();
+    let changes = daemon.changes(container).await?;
     let skip: BTreeSet<&str> = skip.iter().map(String::as_str).collect();
     let mut changes: Vec<(String, ChangeType)> = changes
         .into_iter()
@@ -188,19 +184,15 @@ async fn fetch_path(
     whole: bool,
     limit: usize,
 ) -> Result<Option<Vec<u8>>, StageError> {
-    let opts = DownloadFromContainerOptionsBuilder::default()
-        .path(path)
-        .build();
-    let mut stream = daemon.docker.download_from_container(container, Some(opts));
-    let mut buf = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        buf.extend_from_slice(&chunk.map_err(|e| derr(format!("read {path} from container"), e))?);
-        if buf.len() > limit {
-            return Ok(None);
-        }
-        if !whole && first_is_dir(&buf) {
-            break;
-        }
+    // Read on while under the limit and, for a header only, until the first entry is
+    // whole and a directory.
+    let buf = daemon
+        .download_while(container, path, |buf| {
+            buf.len() <= limit && (whole || !first_is_dir(buf))
+        })
+        .await?;
+    if buf.len() > limit {
+        return Ok(None);
     }
     Ok(Some(buf))
 }

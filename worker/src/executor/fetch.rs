@@ -18,13 +18,46 @@ pub fn url_file_name(url: &str) -> String {
     }
 }
 
+/// Why `ADD <url>` got no file; `url` is the one asked for last (after redirects).
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(
+        "ADD {url}: only http:// URLs are supported by this executor (https needs a TLS client)"
+    )]
+    NotHttp { url: String },
+    #[error("ADD {url}: connect {addr}: {source}")]
+    Connect {
+        url: String,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("ADD {url}: {source}")]
+    Io { url: String, source: std::io::Error },
+    #[error("ADD {url}: malformed HTTP response")]
+    Malformed { url: String },
+    #[error("ADD {url}: malformed HTTP status line")]
+    StatusLine { url: String },
+    #[error("ADD {url}: redirect without Location")]
+    NoLocation { url: String },
+    #[error("ADD {url}: invalid response status {status}")]
+    Status { url: String, status: u16 },
+    #[error("ADD {url}: too many redirects")]
+    TooManyRedirects { url: String },
+}
+
+impl From<FetchError> for model::task::StageError {
+    fn from(e: FetchError) -> Self {
+        model::task::StageError::new(e.to_string())
+    }
+}
+
 /// Fetches an http:// URL (following up to 5 redirects). https:// is refused.
-pub fn http_get(url: &str) -> Result<Vec<u8>, String> {
+pub fn http_get(url: &str) -> Result<Vec<u8>, FetchError> {
     let mut url = url.to_string();
     for _ in 0..6 {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            format!("ADD {url}: only http:// URLs are supported by this executor (https needs a TLS client)")
-        })?;
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| FetchError::NotHttp { url: url.clone() })?;
         let (hostport, path) = match rest.split_once('/') {
             Some((h, p)) => (h.to_string(), format!("/{p}")),
             None => (rest.to_string(), "/".to_string()),
@@ -34,28 +67,36 @@ pub fn http_get(url: &str) -> Result<Vec<u8>, String> {
         } else {
             format!("{hostport}:80")
         };
-        let mut s =
-            TcpStream::connect(&addr).map_err(|e| format!("ADD {url}: connect {addr}: {e}"))?;
+        let mut s = TcpStream::connect(&addr).map_err(|source| FetchError::Connect {
+            url: url.clone(),
+            addr: addr.clone(),
+            source,
+        })?;
         s.set_read_timeout(Some(Duration::from_secs(300))).ok();
         write!(
             s,
             "GET {path} HTTP/1.0\r\nHost: {hostport}\r\nUser-Agent: dbuild-worker\r\nAccept: */*\r\n\r\n"
         )
-        .map_err(|e| format!("ADD {url}: {e}"))?;
+        .map_err(|source| FetchError::Io {
+            url: url.clone(),
+            source,
+        })?;
         let mut raw = Vec::new();
-        s.read_to_end(&mut raw)
-            .map_err(|e| format!("ADD {url}: {e}"))?;
+        s.read_to_end(&mut raw).map_err(|source| FetchError::Io {
+            url: url.clone(),
+            source,
+        })?;
         let split = raw
             .windows(4)
             .position(|w| w == b"\r\n\r\n")
-            .ok_or_else(|| format!("ADD {url}: malformed HTTP response"))?;
+            .ok_or_else(|| FetchError::Malformed { url: url.clone() })?;
         let head = String::from_utf8_lossy(&raw[..split]).to_string();
         let body = raw[split + 4..].to_vec();
         let status: u16 = head
             .split_whitespace()
             .nth(1)
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("ADD {url}: malformed HTTP status line"))?;
+            .ok_or_else(|| FetchError::StatusLine { url: url.clone() })?;
         match status {
             200..=299 => return Ok(body),
             301 | 302 | 303 | 307 | 308 => {
@@ -66,17 +107,17 @@ pub fn http_get(url: &str) -> Result<Vec<u8>, String> {
                         k.eq_ignore_ascii_case("location")
                             .then(|| v.trim().to_string())
                     })
-                    .ok_or_else(|| format!("ADD {url}: redirect without Location"))?;
+                    .ok_or_else(|| FetchError::NoLocation { url: url.clone() })?;
                 url = if loc.starts_with('/') {
                     format!("http://{hostport}{loc}")
                 } else {
                     loc
                 };
             }
-            _ => return Err(format!("ADD {url}: invalid response status {status}")),
+            _ => return Err(FetchError::Status { url, status }),
         }
     }
-    Err(format!("ADD {url}: too many redirects"))
+    Err(FetchError::TooManyRedirects { url })
 }
 
 #[cfg(test)]

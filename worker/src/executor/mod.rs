@@ -23,7 +23,6 @@ mod vars;
 
 use std::sync::Arc;
 
-use bollard::Docker;
 use model::keys::StageKey;
 use model::task::{
     stage_image_tag, BuildInputs, Executor, StageError, StageLog, StageResult, StageTask,
@@ -215,11 +214,6 @@ impl DockerExecutor {
     /// background, is on the daemon.
     pub async fn settle(&self, reference: &str) -> Result<(), StageError> {
         self.daemon.settle(reference).await
-    }
-
-    /// The daemon connection (for tests and tools).
-    pub fn docker(&self) -> &Docker {
-        self.daemon.docker()
     }
 
     /// The daemon handle every Docker call of this executor goes through (the farm

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use bollard::models::{
     ContainerCreateBody, HostConfig, Mount as DockerMount, MountType as DockerMountType,
-    MountVolumeOptions, VolumeCreateRequest,
+    MountVolumeOptions,
 };
 use model::digest::BlobDigest;
 use model::frontend::instructions::{CacheSharing, MountType, Run};
@@ -25,7 +25,7 @@ use model::task::StageError;
 use super::config::clean_abs;
 use super::run::CacheLocks;
 use super::tree::{Content, Kind, Node};
-use crate::daemon::{derr, is_not_found, Daemon, Resources};
+use crate::daemon::{Daemon, Resources};
 
 /// A volume to fill with these nodes (paths relative to the volume root) before the
 /// container starts.
@@ -69,22 +69,6 @@ fn volume_mount(target: &str, volume: &str, read_only: bool) -> DockerMount {
     }
 }
 
-/// Creates a volume named by this executor (removed with the stage's resources); returns
-/// its name and its mount point on the daemon's host.
-pub async fn temp_volume(daemon: &Daemon, res: &Resources) -> Result<(String, String), StageError> {
-    let name = daemon.unique("v");
-    let v = daemon
-        .docker
-        .create_volume(VolumeCreateRequest {
-            name: Some(name.clone()),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| derr("create volume", e))?;
-    res.volume(&name);
-    Ok((name, v.mountpoint))
-}
-
 /// The temporary volume that holds the single files of one RUN's file mounts.
 struct FileVolume {
     name: String,
@@ -104,7 +88,7 @@ impl FileVolume {
         read_only: bool,
     ) -> Result<DockerMount, StageError> {
         if this.is_none() {
-            let (name, mountpoint) = temp_volume(daemon, res).await?;
+            let (name, mountpoint) = daemon.temp_volume(res).await?;
             host_path(&name, &mountpoint, "")?;
             *this = Some(FileVolume {
                 name,
@@ -178,10 +162,10 @@ pub async fn plan_mounts(
                 }
                 let hash = BlobDigest::of(key.as_bytes());
                 let (volume, mountpoint) = match m.sharing {
-                    CacheSharing::Private => temp_volume(daemon, res).await?,
+                    CacheSharing::Private => daemon.temp_volume(res).await?,
                     _ => {
                         let name = format!("dbuild-cache-{}", &hash.to_hex()[..32]);
-                        let mountpoint = ensure_volume(daemon, &name).await?;
+                        let mountpoint = daemon.ensure_volume(&name).await?;
                         (name, mountpoint)
                     }
                 };
@@ -258,7 +242,7 @@ pub async fn plan_mounts(
                     .ok_or_else(|| StageError::new(format!("bind mount at {target}: no source")))?;
                 match src {
                     BindSource::Dir(nodes) => {
-                        let (volume, _) = temp_volume(daemon, res).await?;
+                        let (volume, _) = daemon.temp_volume(res).await?;
                         plan.prep.push(MountPrep {
                             volume: volume.clone(),
                             nodes,
@@ -292,7 +276,7 @@ pub async fn plan_mounts(
         });
     }
     if let Some((name, data)) = script {
-        let (volume, _) = temp_volume(daemon, res).await?;
+        let (volume, _) = daemon.temp_volume(res).await?;
         let mut nodes = BTreeMap::new();
         nodes.insert(
             format!("/{name}"),
@@ -310,23 +294,6 @@ pub async fn plan_mounts(
         plan.mounts.push(volume_mount("/dev/pipes", &volume, true));
     }
     Ok(plan)
-}
-
-/// Makes the named volume unless it exists; returns its mount point on the daemon's host.
-async fn ensure_volume(daemon: &Daemon, name: &str) -> Result<String, StageError> {
-    match daemon.docker.inspect_volume(name).await {
-        Ok(v) => Ok(v.mountpoint),
-        Err(e) if is_not_found(&e) => daemon
-            .docker
-            .create_volume(VolumeCreateRequest {
-                name: Some(name.to_string()),
-                ..Default::default()
-            })
-            .await
-            .map(|v| v.mountpoint)
-            .map_err(|e| derr(format!("create cache volume {name}"), e)),
-        Err(e) => Err(derr(format!("inspect volume {name}"), e)),
-    }
 }
 
 /// The host path of `sub` in a volume, for a bind mount the daemon resolves itself.

@@ -7,15 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bollard::models::{ContainerCreateBody, HostConfig, Mount as DockerMount};
-use bollard::query_parameters::{KillContainerOptionsBuilder, LogsOptionsBuilder};
-use futures::StreamExt;
 use model::frontend::instructions::{HeredocBody, Run};
 use model::frontend::parser::{chomp_heredoc_content, parse_heredoc};
 use model::task::{StageError, StageLog};
 use tokio_util::sync::CancellationToken;
 
 use super::config::ImageConfig;
-use crate::daemon::{derr, Daemon, Resources};
+use crate::daemon::{Daemon, Resources};
 
 /// How many output lines a failed RUN reports.
 const TAIL_LINES: usize = 20;
@@ -225,20 +223,12 @@ pub async fn run_container(
         return Ok(RunOutcome::Cancelled);
     }
     let started = Instant::now();
-    crate::daemon::timed("start", daemon.docker.start_container(&id, None))
-        .await
-        .map_err(|e| derr("start RUN container", e))?;
+    daemon.start(&id).await?;
     let log_task = {
-        let docker = daemon.docker.clone();
+        let daemon = daemon.clone();
         let id = id.clone();
         let logs = logs.clone();
         tokio::spawn(async move {
-            let opts = LogsOptionsBuilder::default()
-                .follow(true)
-                .stdout(true)
-                .stderr(true)
-                .build();
-            let mut stream = docker.logs(&id, Some(opts));
             let mut tail: VecDeque<String> = VecDeque::new();
             let mut partial: HashMap<bool, String> = HashMap::new();
             let push = |line: String, tail: &mut VecDeque<String>| {
@@ -252,15 +242,17 @@ pub async fn run_container(
                 }
                 tail.push_back(line);
             };
-            while let Some(Ok(out)) = stream.next().await {
-                let err = matches!(out, bollard::container::LogOutput::StdErr { .. });
-                let buf = partial.entry(err).or_default();
-                buf.push_str(&String::from_utf8_lossy(out.as_ref()));
-                while let Some(pos) = buf.find('\n') {
-                    let line: String = buf.drain(..=pos).collect();
-                    push(line.trim_end_matches(['\n', '\r']).to_string(), &mut tail);
-                }
-            }
+            daemon
+                .follow_logs(&id, |out| {
+                    let err = matches!(out, bollard::container::LogOutput::StdErr { .. });
+                    let buf = partial.entry(err).or_default();
+                    buf.push_str(&String::from_utf8_lossy(out.as_ref()));
+                    while let Some(pos) = buf.find('\n') {
+                        let line: String = buf.drain(..=pos).collect();
+                        push(line.trim_end_matches(['\n', '\r']).to_string(), &mut tail);
+                    }
+                })
+                .await;
             for (_, rest) in partial {
                 if !rest.is_empty() {
                     push(rest, &mut tail);
@@ -269,20 +261,13 @@ pub async fn run_container(
             tail.into_iter().collect::<Vec<_>>()
         })
     };
-    let mut wait = daemon.docker.wait_container(&id, None);
-    // Cancel safe: when the cancel branch wins, the dropped `wait.next()` only stops
+    // Cancel safe: when the cancel branch wins, the dropped `daemon.wait` only stops
     // waiting (the container is killed here and removed by the stage's cleanup); when
     // the wait wins, the dropped `cancelled()` loses nothing (the token stays cancelled).
     let code = tokio::select! {
-        r = wait.next() => match r {
-            Some(Ok(r)) => r.status_code,
-            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => code,
-            Some(Err(e)) => return Err(derr("wait for RUN container", e)),
-            None => return Err(StageError::new("wait for RUN container: no answer")),
-        },
+        r = daemon.wait(&id) => r?,
         _ = cancel.cancelled() => {
-            let opts = KillContainerOptionsBuilder::default().signal("SIGKILL").build();
-            let _ = daemon.docker.kill_container(&id, Some(opts)).await;
+            let _ = daemon.kill(&id).await;
             log_task.abort();
             return Ok(RunOutcome::Cancelled);
         }

@@ -506,8 +506,7 @@ impl DockerExecutor {
             Instruction::Add(c) => self.step_copy(st, c, true, ti).await,
             Instruction::Workdir(_) => {
                 let mut author = None;
-                config::apply(&mut st.state.config, &mut st.flags, &mut author, ins)
-                    .map_err(StageError::new)?;
+                config::apply(&mut st.state.config, &mut st.flags, &mut author, ins)?;
                 let wd = st.state.config.working_dir.clone();
                 if wd != "/" {
                     self.step_mkdir(st, &wd).await?;
@@ -516,8 +515,7 @@ impl DockerExecutor {
             }
             other => {
                 let mut author = st.state.author.clone();
-                config::apply(&mut st.state.config, &mut st.flags, &mut author, other)
-                    .map_err(StageError::new)?;
+                config::apply(&mut st.state.config, &mut st.flags, &mut author, other)?;
                 st.state.author = author;
                 Ok(())
             }

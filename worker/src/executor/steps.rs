@@ -143,7 +143,7 @@ impl DockerExecutor {
         } else {
             Default::default()
         };
-        users::resolve(spec, &passwd, &group).map_err(StageError::new)
+        Ok(users::resolve(spec, &passwd, &group)?)
     }
 
     async fn upload_nodes(
@@ -203,7 +203,7 @@ impl DockerExecutor {
             // COPY follows a source that is a symlink; the archive API would not.
             let real = self.resolve_link(container, &abs).await?;
             let data = self.daemon.download(container, &real).await?;
-            let mut t = tree::tar_tree(&data, &real).map_err(StageError::new)?;
+            let mut t = tree::tar_tree(&data, &real)?;
             t.name = abs.rsplit('/').next().unwrap_or("").to_string();
             t.path = abs.trim_start_matches('/').to_string();
             return Ok(vec![t]);
@@ -216,7 +216,7 @@ impl DockerExecutor {
             return Ok(Vec::new());
         }
         let data = self.daemon.download(container, &base).await?;
-        let all = tree::tar_tree(&data, &base).map_err(StageError::new)?;
+        let all = tree::tar_tree(&data, &base)?;
         let mut out: Vec<SourceTree> = Vec::new();
         for e in &all.entries {
             if e.rel.is_empty()
@@ -332,8 +332,7 @@ impl DockerExecutor {
                 let url = src.clone();
                 let data = tokio::task::spawn_blocking(move || fetch::http_get(&url))
                     .await
-                    .map_err(|e| StageError::new(e.to_string()))?
-                    .map_err(StageError::new)?;
+                    .map_err(|e| StageError::new(e.to_string()))??;
                 pivots.push(String::new());
                 trees.push(tree::bytes_tree(&fetch::url_file_name(src), data, 0o600));
                 continue;

@@ -57,12 +57,35 @@ impl SourceTree {
     }
 }
 
+/// Why a source tree could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    /// A context path whose symlinks do not end within 32 links.
+    #[error("too many levels of symbolic links: {0}")]
+    SymlinkLoop(String),
+    /// A context source the context lacks (its clean path, without the leading `/`).
+    #[error("\"/{0}\": not found")]
+    NotInContext(String),
+    /// An archive that does not read as tar.
+    #[error(transparent)]
+    Archive(#[from] std::io::Error),
+    /// An archive with no entry for the source path.
+    #[error("{0}: not found")]
+    NotInArchive(String),
+}
+
+impl From<TreeError> for model::task::StageError {
+    fn from(e: TreeError) -> Self {
+        model::task::StageError::new(e.to_string())
+    }
+}
+
 /// Resolves a context path through symlinks (as COPY follows a source that is a link),
 /// staying inside the context.
 pub fn follow_context<'m>(
     manifest: &'m ContextManifest,
     path: &str,
-) -> Result<Option<&'m model::context::ManifestEntry>, String> {
+) -> Result<Option<&'m model::context::ManifestEntry>, TreeError> {
     let mut p = path.to_string();
     for _ in 0..32 {
         match manifest.get(&p) {
@@ -83,12 +106,12 @@ pub fn follow_context<'m>(
             None => return Ok(None),
         }
     }
-    Err(format!("too many levels of symbolic links: {path}"))
+    Err(TreeError::SymlinkLoop(path.to_string()))
 }
 
 /// The tree a context source path selects (`""` is the whole context). Symlinks named as
 /// the source are followed; symlinks below it are kept as links.
-pub fn context_tree(manifest: &ContextManifest, src: &str) -> Result<SourceTree, String> {
+pub fn context_tree(manifest: &ContextManifest, src: &str) -> Result<SourceTree, TreeError> {
     let clean = clean_source(src);
     let name = clean.rsplit('/').next().unwrap_or("").to_string();
     let mut entries = Vec::new();
@@ -102,8 +125,8 @@ pub fn context_tree(manifest: &ContextManifest, src: &str) -> Result<SourceTree,
         });
         String::new()
     } else {
-        let e =
-            follow_context(manifest, &clean)?.ok_or_else(|| format!("\"/{clean}\": not found"))?;
+        let e = follow_context(manifest, &clean)?
+            .ok_or_else(|| TreeError::NotInContext(clean.clone()))?;
         entries.push(SrcEntry {
             rel: String::new(),
             kind: entry_kind(e),
@@ -147,13 +170,13 @@ fn entry_kind(e: &model::context::ManifestEntry) -> Kind {
 
 /// Reads a tar archive from `GET /containers/{id}/archive` into a tree: the first entry
 /// is the root (named by its base name), the rest are below it.
-pub fn tar_tree(data: &[u8], src_path: &str) -> Result<SourceTree, String> {
+pub fn tar_tree(data: &[u8], src_path: &str) -> Result<SourceTree, TreeError> {
     let mut ar = tar::Archive::new(data);
     let mut entries = Vec::new();
     let mut root_name: Option<String> = None;
-    for entry in ar.entries().map_err(|e| e.to_string())? {
-        let mut entry = entry.map_err(|e| e.to_string())?;
-        let path = entry.path().map_err(|e| e.to_string())?;
+    for entry in ar.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?;
         let path = path.to_string_lossy().trim_end_matches('/').to_string();
         let root = root_name.get_or_insert_with(|| path.clone()).clone();
         let rel = if path == root {
@@ -164,13 +187,12 @@ pub fn tar_tree(data: &[u8], src_path: &str) -> Result<SourceTree, String> {
             continue;
         };
         let h = entry.header();
-        let mode = h.mode().map_err(|e| e.to_string())? & 0o7777;
-        let uid = h.uid().map_err(|e| e.to_string())? as u32;
-        let gid = h.gid().map_err(|e| e.to_string())? as u32;
-        let link = || -> Result<String, String> {
+        let mode = h.mode()? & 0o7777;
+        let uid = h.uid()? as u32;
+        let gid = h.gid()? as u32;
+        let link = || -> Result<String, TreeError> {
             Ok(entry
-                .link_name()
-                .map_err(|e| e.to_string())?
+                .link_name()?
                 .map(|l| l.to_string_lossy().to_string())
                 .unwrap_or_default())
         };
@@ -184,7 +206,7 @@ pub fn tar_tree(data: &[u8], src_path: &str) -> Result<SourceTree, String> {
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let mut buf = Vec::new();
-                entry.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+                entry.read_to_end(&mut buf)?;
                 Kind::File(Content::Bytes(Arc::new(buf)))
             }
             // Devices, FIFOs and the like: BuildKit copies devices; skip the rest.
@@ -199,7 +221,7 @@ pub fn tar_tree(data: &[u8], src_path: &str) -> Result<SourceTree, String> {
         });
     }
     if entries.is_empty() {
-        return Err(format!("{src_path}: not found"));
+        return Err(TreeError::NotInArchive(src_path.to_string()));
     }
     let name = src_path
         .trim_end_matches('/')

@@ -36,9 +36,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use bollard::Docker;
-
 use super::diff_layer::{append_whiteout, empty_entry, RunLayer};
+use crate::daemon::Daemon;
 
 /// Storage drivers whose container layer is an overlay upper directory.
 const OVERLAY_DRIVERS: &[&str] = &["overlay2", "fuse-overlayfs", "overlay"];
@@ -57,9 +56,8 @@ pub struct OverlayDirs {
 
 /// The overlay directories of `container`, when its daemon stores it as an overlay and
 /// this process can read the upper directory.
-pub async fn container_dirs(docker: &Docker, container: &str) -> Option<OverlayDirs> {
-    let info = docker.inspect_container(container, None).await.ok()?;
-    let driver = info.graph_driver?;
+pub async fn container_dirs(daemon: &Daemon, container: &str) -> Option<OverlayDirs> {
+    let driver = daemon.graph_driver(container).await?;
     if !OVERLAY_DRIVERS.contains(&driver.name.as_str()) {
         return None;
     }

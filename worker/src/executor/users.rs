@@ -16,26 +16,37 @@ pub fn needs_files(spec: &str) -> bool {
     u.parse::<u32>().is_err() || g.is_some_and(|g| g.parse::<u32>().is_err())
 }
 
+/// A user or group name the image's files do not hold (BuildKit's messages).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UserError {
+    #[error("unable to find user {0}: no matching entries in passwd file")]
+    NoUser(String),
+    #[error("unable to find group {0}: no matching entries in group file")]
+    NoGroup(String),
+}
+
+impl From<UserError> for model::task::StageError {
+    fn from(e: UserError) -> Self {
+        model::task::StageError::new(e.to_string())
+    }
+}
+
 /// Resolves `user[:group]` to `(uid, gid)`. `passwd` and `group` are the files' contents
 /// (empty when the image has none).
-pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<(u32, u32), String> {
+pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<(u32, u32), UserError> {
     let (u, g) = split(spec);
     let (uid, mut gid) = match u.parse::<u32>() {
         Ok(n) => (n, n),
         Err(_) => lookup(passwd, u, 2)
             .and_then(|f| Some((f.first()?.parse().ok()?, f.get(1)?.parse().ok()?)))
-            .ok_or_else(|| {
-                format!("unable to find user {u}: no matching entries in passwd file")
-            })?,
+            .ok_or_else(|| UserError::NoUser(u.to_string()))?,
     };
     if let Some(g) = g {
         gid = match g.parse::<u32>() {
             Ok(n) => n,
             Err(_) => lookup(group, g, 2)
                 .and_then(|f| f.first()?.parse().ok())
-                .ok_or_else(|| {
-                    format!("unable to find group {g}: no matching entries in group file")
-                })?,
+                .ok_or_else(|| UserError::NoGroup(g.to_string()))?,
         };
     }
     Ok((uid, gid))

@@ -105,7 +105,7 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
     let running: Arc<Mutex<BTreeMap<String, CancellationToken>>> = Arc::default();
     let cap = cfg.image_cap.map(|c| {
         Arc::new(
-            crate::image_cap::ImageCap::new(executor.docker().clone(), c)
+            crate::image_cap::ImageCap::new(executor.daemon().clone(), c)
                 .with_parked(executor.parked().cloned()),
         )
     });

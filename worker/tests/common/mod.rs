@@ -96,7 +96,7 @@ pub async fn executor(name: &str) -> DockerExecutor {
             .repo("dbuild-worker-test/busybox")
             .tag("latest")
             .build();
-        let mut s = ex.docker().create_image(
+        let mut s = ex.daemon().docker().create_image(
             Some(opts),
             Some(bollard::body_full(rootfs_tar().into())),
             None,
@@ -408,7 +408,13 @@ pub async fn leftovers(ex: &DockerExecutor) -> Vec<String> {
     let prefix = format!("{}-", ex.name_prefix());
     let mut out = Vec::new();
     let opts = ListContainersOptionsBuilder::default().all(true).build();
-    for c in ex.docker().list_containers(Some(opts)).await.unwrap() {
+    for c in ex
+        .daemon()
+        .docker()
+        .list_containers(Some(opts))
+        .await
+        .unwrap()
+    {
         for n in c.names.unwrap_or_default() {
             if n.trim_start_matches('/').starts_with(&prefix) {
                 out.push(format!("container {n}"));
@@ -416,6 +422,7 @@ pub async fn leftovers(ex: &DockerExecutor) -> Vec<String> {
         }
     }
     let vols = ex
+        .daemon()
         .docker()
         .list_volumes(Some(ListVolumesOptionsBuilder::default().build()))
         .await
@@ -426,6 +433,7 @@ pub async fn leftovers(ex: &DockerExecutor) -> Vec<String> {
         }
     }
     let imgs = ex
+        .daemon()
         .docker()
         .list_images(Some(ListImagesOptionsBuilder::default().all(true).build()))
         .await
