@@ -3,7 +3,7 @@
 //! last [`RECENT`] (a running stage's inputs, or outputs its consumers are about to read).
 //! An evicted stage image is only a local loss: the pool sends every input's artifacts
 //! with each task, and the worker imports what its daemon lacks. Stage images the worker
-//! parked beside the daemon (`executor/park.rs`) count against the same cap, by the size
+//! parked beside the daemon (`daemon/park.rs`) count against the same cap, by the size
 //! of their archives, and go the same way.
 use parking_lot::Mutex;
 use std::collections::HashMap;
