@@ -46,9 +46,9 @@ pub struct WorkerArgs {
     /// This worker's name (unique in the farm).
     #[arg(long)]
     pub name: String,
-    /// Stages run at the same time.
-    #[arg(long, default_value_t = 1)]
-    pub slots: usize,
+    /// Stages run at the same time (default: one per CPU of the daemon's host).
+    #[arg(long)]
+    pub slots: Option<usize>,
     /// Local blob cache and scratch space.
     #[arg(long, env = "DBUILD_DATA_DIR")]
     pub data_dir: PathBuf,
@@ -150,7 +150,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             image_cap: (image_cap > 0).then_some(image_cap),
             coordinator: args.coordinator,
             name: args.name,
-            slots: args.slots.max(1),
+            slots: args.slots.map(|n| n.max(1)),
             data_dir: args.data_dir,
             docker_host: args.docker_host,
             token: args.token,

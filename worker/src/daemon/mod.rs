@@ -285,6 +285,15 @@ impl Daemon {
     }
 
     /// A name no other object of this process uses: `<prefix>-<pid>-<n>`.
+    /// The CPUs the daemon's host reports (`docker info`'s NCPU): what a worker's
+    /// default `--slots` follows, since its stages run there, not here.
+    pub async fn cpus(&self) -> Result<usize, DaemonError> {
+        let info = timed("info", self.docker.info())
+            .await
+            .map_err(DaemonError::docker("info", "the daemon"))?;
+        Ok(info.ncpu.unwrap_or(1).max(1) as usize)
+    }
+
     pub fn unique(&self, what: &str) -> String {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let t = std::time::SystemTime::now()

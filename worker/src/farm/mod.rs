@@ -39,7 +39,8 @@ use crate::DockerExecutor;
 pub struct WorkerConfig {
     pub coordinator: String,
     pub name: String,
-    pub slots: usize,
+    /// Stages run at once; `None`: as many as the daemon's host has CPUs.
+    pub slots: Option<usize>,
     pub data_dir: PathBuf,
     pub docker_host: Option<String>,
     pub token: Option<String>,
@@ -93,7 +94,10 @@ pub use wire::blob::{download_to, upload_file};
 pub use wire::client::{Builds, Cache, Clients, Content, Workers};
 
 /// Runs a worker until `shutdown` is cancelled or the coordinator goes away for good.
-pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
+pub async fn run_worker(
+    mut cfg: WorkerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
     let executor = Arc::new(
         DockerExecutor::connect(cfg.docker_host.as_deref(), &cfg.name)
             .await
@@ -101,6 +105,11 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
             .with_scratch_dir(&cfg.data_dir.join("tmp"))
             .with_park_dir(&cfg.data_dir.join(crate::executor::park::DIR)),
     );
+    if cfg.slots.is_none() {
+        let cpus = executor.daemon().cpus().await?;
+        tracing::info!(slots = cpus, "slots: one per CPU of the daemon's host");
+        cfg.slots = Some(cpus);
+    }
     let blobs = BlobStore::open(&cfg.data_dir.join("blobs"))?;
     let running: Arc<Mutex<BTreeMap<String, CancellationToken>>> = Arc::default();
     let cap = cfg.image_cap.map(|c| {

@@ -26,7 +26,7 @@ pub(super) async fn session(
         .register(RegisterRequest {
             name: cfg.name.clone(),
             address: cfg.address.clone(),
-            slots: cfg.slots as u32,
+            slots: cfg.slots.unwrap_or(1).max(1) as u32,
             held_stage_keys: held_stage_keys(&sh.executor).await,
         })
         .await?
