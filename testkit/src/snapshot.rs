@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use super::{docker_ok, sha256, tarball};
+use crate::docker::docker_ok;
+use crate::{sha256, tarball};
 
 /// Paths left out of every snapshot, with the reason. Each is something a container runtime
 /// puts into (or mounts over) the rootfs of *every* container a builder runs, so whether a
@@ -17,6 +18,8 @@ use super::{docker_ok, sha256, tarball};
 ///   tree mounted into every container (`/dev/console`, `/dev/pts`, `/dev/shm` ...).
 ///
 /// A Dockerfile that really writes one of these paths is therefore not checked there.
+/// (`/etc/mtab`, which `docker export` of a container shows, is in no layer: snapshots are
+/// read from `docker save`, so it needs no entry.)
 pub const IGNORED: &[&str] = &[
     "/.dockerenv",
     "/etc/hosts",
@@ -41,6 +44,7 @@ pub const CONFIG_FIELDS: &[&str] = &[
     "Healthcheck",
     "Shell",
     "OnBuild",
+    "ArgsEscaped",
 ];
 
 pub fn is_ignored(path: &str) -> bool {
@@ -150,8 +154,8 @@ pub struct Snapshot {
     pub fs: BTreeMap<String, Entry>,
     /// File contents by path (files and hardlinks), for direct assertions.
     pub contents: BTreeMap<String, Vec<u8>>,
-    /// The [`CONFIG_FIELDS`] present in the config; empty values (null, "", [], {}) are
-    /// left out, since Docker treats them all as unset.
+    /// The [`CONFIG_FIELDS`] present in the config; empty values (null, false, "", [], {})
+    /// are left out, since Docker treats them all as unset.
     pub config: BTreeMap<String, Value>,
     /// How many layers the image has (informational: never compared).
     pub layers: usize,
@@ -309,7 +313,7 @@ pub fn flatten(layers: &[Vec<u8>]) -> Result<(Entries, Contents), String> {
 
 fn is_empty(v: &Value) -> bool {
     match v {
-        Value::Null => true,
+        Value::Null | Value::Bool(false) => true,
         Value::String(s) => s.is_empty(),
         Value::Array(a) => a.is_empty(),
         Value::Object(o) => o.is_empty(),
