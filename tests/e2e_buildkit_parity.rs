@@ -235,16 +235,6 @@ mod harness {
         assert_same_image(&a, &b);
     }
 
-    fn context(files: &[(&str, &str)]) -> tempfile::TempDir {
-        let dir = tempfile::tempdir().unwrap();
-        for (name, body) in files {
-            let p = dir.path().join(name);
-            fs::create_dir_all(p.parent().unwrap()).unwrap();
-            fs::write(p, body).unwrap();
-        }
-        dir
-    }
-
     /// Two deliberately different images: the comparison lists exactly the differing paths
     /// and fields, prints them side by side, and fails.
     #[test]

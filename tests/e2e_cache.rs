@@ -9,6 +9,7 @@ use std::process::Command;
 use serde_json::Value;
 
 use testkit::farm::*;
+use testkit::image_exists;
 
 const DBUILD: &str = env!("CARGO_BIN_EXE_dbuild");
 
@@ -432,15 +433,6 @@ fn parked(data: &Path) -> usize {
         .count()
 }
 
-fn on_daemon(reference: &str) -> bool {
-    Command::new("docker")
-        .args(["image", "inspect", reference])
-        .output()
-        .unwrap()
-        .status
-        .success()
-}
-
 /// A stage the build reads only through `COPY --from` is parked in the data dir, not
 /// loaded into the daemon: a later build that edits its consumer reads the copied path
 /// from the parked archive (the image stays off the daemon); one built FROM it, or one
@@ -472,7 +464,7 @@ fn copy_from_only_stages_are_parked_until_needed() {
     };
     let (one, two) = (tag_of(0), tag_of(1));
     assert!(
-        !on_daemon(&one) && !on_daemon(&two),
+        !image_exists(&one) && !image_exists(&two),
         "the producers stay off the daemon"
     );
     assert_eq!(e.parked(), 2);
@@ -484,7 +476,7 @@ fn copy_from_only_stages_are_parked_until_needed() {
     );
     assert_eq!(stages(&edited, "stage_cached"), vec![0, 1]);
     assert!(
-        !on_daemon(&one) && !on_daemon(&two),
+        !image_exists(&one) && !image_exists(&two),
         "read without loading them"
     );
     assert_eq!(e.parked(), 2);
@@ -492,7 +484,7 @@ fn copy_from_only_stages_are_parked_until_needed() {
     // Built FROM: that parked image is loaded (and no longer parked).
     let from = build("FROM one\nRUN cat /d/one > /from\n", "/from");
     assert_eq!(stages(&from, "stage_cached"), vec![0, 1]);
-    assert!(on_daemon(&one) && !on_daemon(&two));
+    assert!(image_exists(&one) && !image_exists(&two));
     assert_eq!(e.parked(), 1);
 
     // A parked stage as the target, found in the cache: the output loads and tags it.
@@ -569,7 +561,7 @@ fn a_parked_image_without_its_base_is_rebuilt() {
     for t in String::from_utf8_lossy(&tags.stdout).split_whitespace() {
         let _ = Command::new("docker").args(["rmi", t]).output();
     }
-    assert!(!on_daemon(&run_image));
+    assert!(!image_exists(&run_image));
 
     let third = build(parked_df("/c"));
     assert_eq!(

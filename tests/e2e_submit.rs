@@ -36,16 +36,6 @@ fn build(spec: &BuildSpec, tag: &str, data: &Path) -> Image {
     dbuild_build(spec, tag, data).unwrap_or_else(|r| panic!("dbuild submit failed\n{}", r.report()))
 }
 
-fn context(files: &[(&str, &str)]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for (name, body) in files {
-        let p = dir.path().join(name);
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(p, body).unwrap();
-    }
-    dir
-}
-
 #[test]
 fn href_counter_builds_and_runs() {
     base_images();

@@ -10,6 +10,17 @@ use crate::docker::{command, run_with, unique_tag, Image, Run, BUILD_TIMEOUT};
 use crate::images::base_images;
 use crate::leftovers;
 
+/// A context directory holding `files` (path, text), directories made as needed.
+pub fn context(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, body) in files {
+        let p = dir.path().join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, body).unwrap();
+    }
+    dir
+}
+
 /// What to build: a context directory, a Dockerfile and `docker build`-style flags
 /// (`--target`, `--build-arg`, `--secret`, `--no-cache`) that both builders accept.
 #[derive(Debug, Clone)]

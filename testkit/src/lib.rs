@@ -22,7 +22,7 @@ pub mod tarball;
 pub use worker::executor::sha256;
 
 pub use build::{
-    assert_parity, buildkit_build, corpus_parity, dbuild_bin, dbuild_build, dbuild_submit,
+    assert_parity, buildkit_build, context, corpus_parity, dbuild_bin, dbuild_build, dbuild_submit,
     BuildSpec,
 };
 pub use compare::{assert_same_image, differences, render, Difference};
