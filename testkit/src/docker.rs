@@ -223,8 +223,10 @@ impl Image {
 impl Drop for Image {
     fn drop(&mut self) {
         if std::env::var_os("DBUILD_E2E_KEEP").is_none() {
+            // Never forced: forced by id, it would take every other tag of the image with
+            // it (`dbuild-stage:<key>` of a stage a parallel test is about to reuse).
             // Untagged parents go too (prune): a committed image's bare base, say.
-            let _ = docker(&["rmi", "--force", &self.tag]);
+            let _ = docker(&["rmi", &self.tag]);
         }
     }
 }
