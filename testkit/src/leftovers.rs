@@ -8,9 +8,9 @@
 //! Removal waits until no test of this process holds a [`Claim`]: tests of one binary run
 //! in parallel and often build the same keys, and a build reuses a stage image it finds on
 //! the daemon, so removing one test's images while another runs could pull an image from
-//! under it. What the daemon had when the first claim was taken is never removed, nor a
-//! tag that meanwhile names another image than the one this process's build left under
-//! it (another run of the same key moved it). The base images ([`crate::images`]) are
+//! under it. What the daemon had when the first claim was taken is never removed (a tag a
+//! build here moved is put back on its old image), nor a tag that meanwhile names another
+//! image than the ones this process's builds left under it (another run moved it). The base images ([`crate::images`]) are
 //! never noted: they are shared, and made again only when their spec changes.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -25,8 +25,11 @@ use crate::docker::{docker, docker_ok, run_with, BUILD_TIMEOUT};
 struct Made {
     /// Tests of this process at work.
     live: usize,
-    /// The tags the daemon had when the first of them began: never removed.
-    before: BTreeSet<String>,
+    /// The tags the daemon had when the first of them began, with their images: never
+    /// removed; one a test moved to an image of its own is put back.
+    before: BTreeMap<String, String>,
+    /// Every image the daemon had then, tagged or not: never removed.
+    had: BTreeSet<String>,
     /// Tag → the images this process saw it name (none known: whatever it names).
     tags: BTreeMap<String, BTreeSet<String>>,
     /// Tag prefixes: every tag starting with one is ours (`dbuild-paths:<key>-`).
@@ -38,7 +41,8 @@ struct Made {
 
 static MADE: Mutex<Made> = Mutex::new(Made {
     live: 0,
-    before: BTreeSet::new(),
+    before: BTreeMap::new(),
+    had: BTreeSet::new(),
     tags: BTreeMap::new(),
     prefixes: BTreeSet::new(),
     ids: BTreeSet::new(),
@@ -58,7 +62,9 @@ impl Claim {
     pub fn new() -> Claim {
         let mut m = made();
         if m.live == 0 {
-            m.before = images().into_iter().map(|(t, _)| t).collect();
+            let now = images();
+            m.had = now.iter().map(|(_, id)| id.clone()).collect();
+            m.before = now.into_iter().filter(|(t, _)| t != UNTAGGED).collect();
         }
         m.live += 1;
         Claim(())
@@ -86,9 +92,7 @@ impl Drop for Claim {
 pub fn note_tags(tags: impl IntoIterator<Item = String>) {
     let mut m = made();
     for t in tags {
-        if !m.before.contains(&t) {
-            m.tags.entry(t).or_default();
-        }
+        m.tags.entry(t).or_default();
     }
 }
 
@@ -113,10 +117,8 @@ pub fn note_current(tags: Vec<String>) {
         .collect();
     let mut m = made();
     for (t, id) in now {
-        if !m.before.contains(&t) {
-            m.tags.entry(t).or_default().insert(id.clone());
-            m.ids.insert(id);
-        }
+        m.tags.entry(t).or_default().insert(id.clone());
+        m.ids.insert(id);
     }
 }
 
@@ -165,6 +167,7 @@ fn rmi(references: &[String]) {
 
 fn remove(m: &mut Made) {
     let before = std::mem::take(&mut m.before);
+    let had = std::mem::take(&mut m.had);
     let tags = std::mem::take(&mut m.tags);
     let prefixes = std::mem::take(&mut m.prefixes);
     let mut ids = std::mem::take(&mut m.ids);
@@ -172,32 +175,38 @@ fn remove(m: &mut Made) {
     if std::env::var_os("DBUILD_E2E_KEEP").is_some() {
         return;
     }
-    let ours = |tag: &str, id: &str| {
-        if before.contains(tag) {
-            return false;
-        }
-        match tags.get(tag) {
-            Some(seen) => seen.is_empty() || seen.contains(id),
-            None => prefixes.iter().any(|p| tag.starts_with(p.as_str())),
-        }
+    let ours = |tag: &str, id: &str| match tags.get(tag) {
+        Some(seen) => seen.is_empty() || seen.contains(id),
+        None => prefixes.iter().any(|p| tag.starts_with(p.as_str())),
     };
-    let present: Vec<String> = images()
-        .into_iter()
-        .filter(|(t, id)| ours(t, id))
-        .map(|(t, id)| {
-            ids.insert(id);
-            t
-        })
-        .collect();
+    let mut present = Vec::new();
+    for (t, id) in images() {
+        if !ours(&t, &id) {
+            continue;
+        }
+        match before.get(&t) {
+            None => present.push(t),
+            Some(was) if *was == id => continue,
+            // A build of this process moved a tag the daemon had: it names its old image
+            // again (or, that one gone, goes).
+            Some(was) => {
+                if !docker(&["tag", was, &t]).ok() {
+                    present.push(t);
+                }
+            }
+        }
+        ids.insert(id);
+    }
     // Untagging prunes the untagged parents too (a committed image's bare base).
     rmi(&present);
     let mut names: BTreeMap<String, usize> = BTreeMap::new();
     for (t, id) in images() {
         *names.entry(id).or_default() += usize::from(t != UNTAGGED);
     }
+    // Never an image the daemon had before, even one untagged since.
     let dangling: Vec<String> = ids
         .into_iter()
-        .filter(|id| names.get(id) == Some(&0))
+        .filter(|id| names.get(id) == Some(&0) && !had.contains(id))
         .collect();
     rmi(&dangling);
     if !volumes.is_empty() {
