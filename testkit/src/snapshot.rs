@@ -337,6 +337,24 @@ impl Snapshot {
     /// `docker save IMAGE`, flattened. Reading the config from the same archive as the
     /// layers means both describe one image even if a tag moves meanwhile.
     pub fn of(image: &str) -> Snapshot {
+        // `docker save` (20.10) refuses an image without layers (a bare `FROM scratch`):
+        // it has no filesystem, only a config.
+        let inspected = docker_ok(&["image", "inspect", "--format", "{{json .}}", image]);
+        let inspected: Value = serde_json::from_slice(&inspected.stdout)
+            .unwrap_or_else(|e| panic!("`docker image inspect {image}`: {e}"));
+        let no_layers = inspected["RootFS"]["Layers"]
+            .as_array()
+            .is_none_or(|l| l.is_empty());
+        if no_layers {
+            return Snapshot {
+                image: image.to_string(),
+                id: inspected["Id"].as_str().unwrap_or_default().to_string(),
+                fs: BTreeMap::new(),
+                contents: BTreeMap::new(),
+                config: config_fields(&inspected["Config"]),
+                layers: 0,
+            };
+        }
         let saved = docker_ok(&["save", image]);
         Snapshot::from_saved(image, &saved.stdout)
             .unwrap_or_else(|e| panic!("reading `docker save {image}`: {e}"))
