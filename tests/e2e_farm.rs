@@ -110,6 +110,8 @@ fn farm_builds_across_workers_and_daemons() {
         String::from_utf8_lossy(&made.stderr)
     );
     let _ = docker_at(local, &["rm", c.trim()]);
+    // The tag moves to golang's image below: the committed one goes once untagged.
+    testkit::leftovers::note_images([made.stdout_text().trim().to_string()]);
     let pin = write_ctx(&format!(
         "FROM {only} AS a\nRUN echo a > /a && sleep 2\nFROM {only} AS b\nRUN echo b > /b && sleep 2\nFROM {only}\nCOPY --from=a /a /a\nCOPY --from=b /b /b\n"
     ));
