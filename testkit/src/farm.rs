@@ -12,8 +12,10 @@ use crate::build::dbuild_bin;
 use crate::docker::docker_on;
 use crate::leftovers::{self, Claim};
 
-/// A process killed when dropped. A coordinator's notes the stage images its cache names
-/// for removal once it is gone ([`crate::leftovers`]).
+/// A farm process, stopped when dropped: SIGTERM first, so a worker finishes writing the
+/// images it loads in the background and removes its temporary ones (as it does for
+/// systemd), SIGKILL if it has not exited 15 s later. A coordinator's then notes the stage
+/// images its cache names for removal ([`crate::leftovers`]).
 pub struct Proc(pub Child, Option<Tracked>);
 
 struct Tracked {
@@ -28,10 +30,30 @@ impl Proc {
     }
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
+impl Proc {
+    /// SIGTERM, then SIGKILL after `grace`; waits for the exit.
+    fn stop(&mut self, grace: Duration) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = Command::new("kill")
+                .arg(self.0.id().to_string())
+                .stderr(Stdio::null())
+                .status();
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(15));
         if let Some(t) = &self.1 {
             // Its index is free once it exited.
             leftovers::note_cache(&t.data);
@@ -248,16 +270,7 @@ impl SecondDaemon {
 impl Drop for SecondDaemon {
     fn drop(&mut self) {
         // SIGTERM lets dockerd unmount; then the temp dir can go.
-        let _ = Command::new("kill")
-            .arg(self.proc.0.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.proc.0.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        self.proc.stop(Duration::from_secs(20));
         let _ = Command::new("umount")
             .arg("-R")
             .arg(self.dir.path())
