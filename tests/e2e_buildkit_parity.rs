@@ -11,12 +11,11 @@
 //! build (heredocs), checked against the expected result directly.
 //!
 //! Run: `cargo test --test e2e_buildkit_parity` (`DBUILD_E2E_KEEP=1` keeps the images).
-mod support;
 
 use std::fs;
 use std::path::Path;
 
-use support::*;
+use testkit::*;
 
 /// One `#[test]` per corpus case, named after its folder; `CASES` lists them so a folder
 /// without a test is caught.
@@ -26,7 +25,7 @@ macro_rules! parity_cases {
             $(
                 #[test]
                 fn $name() {
-                    super::support::corpus_parity(stringify!($name));
+                    testkit::corpus_parity(stringify!($name));
                 }
             )*
         }
@@ -234,16 +233,6 @@ mod harness {
         assert_ne!(a.id, b.id, "--no-cache should have made a new image");
         assert!(a.fs.len() > 250, "a busybox image has hundreds of paths");
         assert_same_image(&a, &b);
-    }
-
-    fn context(files: &[(&str, &str)]) -> tempfile::TempDir {
-        let dir = tempfile::tempdir().unwrap();
-        for (name, body) in files {
-            let p = dir.path().join(name);
-            fs::create_dir_all(p.parent().unwrap()).unwrap();
-            fs::write(p, body).unwrap();
-        }
-        dir
     }
 
     /// Two deliberately different images: the comparison lists exactly the differing paths
@@ -550,7 +539,7 @@ mod dbuild_only {
     fn heredoc() {
         base_images();
         let case = Case::load("heredoc");
-        let data = tempfile::tempdir().unwrap();
+        let data = testkit::data_dir();
         let image = dbuild_build(&case.spec(), &unique_tag("heredoc"), data.path())
             .unwrap_or_else(|r| panic!("dbuild submit failed\n{}", r.report()));
         let s = image.snapshot();

@@ -8,8 +8,8 @@ use std::process::Command;
 
 use serde_json::Value;
 
-mod support;
-use support::farm::*;
+use testkit::farm::*;
+use testkit::image_exists;
 
 const DBUILD: &str = env!("CARGO_BIN_EXE_dbuild");
 
@@ -82,21 +82,6 @@ fn local_submit(ctx: &Path, data: &Path, extra: &[&str], env: &[(&str, &str)]) -
     embedded_submit(ctx, data, &args, env)
 }
 
-/// An embedded `dbuild submit` of `ctx` on the data dir `data` with `args` (JSON events).
-fn embedded_submit(ctx: &Path, data: &Path, args: &[&str], env: &[(&str, &str)]) -> Submitted {
-    let out = Command::new(DBUILD)
-        .arg("submit")
-        .arg(ctx)
-        .args(["--progress", "json"])
-        .args(args)
-        .env("DBUILD_DATA_DIR", data)
-        .env_remove("DBUILD_COORDINATOR")
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    Submitted::from_output(out)
-}
-
 /// `dbuild cache <what> --json` on the embedded data dir `data`, which must succeed.
 fn local_cache(data: &Path, what: &[&str]) -> Value {
     let out = Command::new(DBUILD)
@@ -124,15 +109,15 @@ fn run(tag: &str, path: &str) -> String {
 
 #[test]
 fn farm_cache_reuses_across_builds_restarts_and_concurrent_submits() {
-    support::base_images();
+    testkit::base_images();
     let ctx = tempfile::tempdir().unwrap();
     write(ctx.path(), "Dockerfile", DOCKERFILE);
     write(ctx.path(), "a.txt", "a1\n");
     write(ctx.path(), "b.txt", "b1\n");
-    let data = tempfile::tempdir().unwrap();
+    let data = testkit::data_dir();
     let coord_dir = data.path().join("coordinator");
     let client = data.path().join("client");
-    let tag = support::unique_tag("cache");
+    let tag = testkit::unique_tag("cache");
 
     let (coord, url) = start_coordinator(&coord_dir);
     let w1 = start_worker(&url, "c1", 2, &data.path().join("w1"), None);
@@ -287,10 +272,10 @@ fn farm_cache_reuses_across_builds_restarts_and_concurrent_submits() {
 /// each stage once (single-flight across processes), and `cache stats` counts the hits.
 #[test]
 fn embedded_cache_and_single_flight_across_processes() {
-    support::base_images();
+    testkit::base_images();
     let ctx = tempfile::tempdir().unwrap();
     // A marker no earlier run left on the daemon, so the stages really are new.
-    let marker = support::unique_tag("sf");
+    let marker = testkit::unique_tag("sf");
     write(
         ctx.path(),
         "Dockerfile",
@@ -299,7 +284,7 @@ fn embedded_cache_and_single_flight_across_processes() {
              FROM alpine:latest\nCOPY --from=one /one /one\nRUN cat /one > /two\n"
         ),
     );
-    let data = tempfile::tempdir().unwrap();
+    let data = testkit::data_dir();
     let submit_local = |extra: &[&str]| local_submit(ctx.path(), data.path(), extra, &[]);
     let subs: Vec<Submitted> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..8).map(|_| s.spawn(|| submit_local(&[]))).collect();
@@ -357,9 +342,9 @@ fn embedded_cache_and_single_flight_across_processes() {
 /// used stages go, their records and their images on the daemon.
 #[test]
 fn embedded_cache_keeps_under_its_cap() {
-    support::base_images();
+    testkit::base_images();
     let ctx = tempfile::tempdir().unwrap();
-    let marker = support::unique_tag("cap");
+    let marker = testkit::unique_tag("cap");
     write(
         ctx.path(),
         "Dockerfile",
@@ -368,7 +353,7 @@ fn embedded_cache_keeps_under_its_cap() {
              FROM alpine:latest\nCOPY --from=one /one /one\n"
         ),
     );
-    let data = tempfile::tempdir().unwrap();
+    let data = testkit::data_dir();
     let submit_local = |cap: Option<&str>| {
         let env: Vec<(&str, &str)> = cap
             .map(|c| ("DBUILD_CACHE_MAX_SIZE", c))
@@ -410,15 +395,15 @@ fn embedded_cache_keeps_under_its_cap() {
 /// A context and a data dir for embedded builds of Dockerfiles written in turn.
 struct Embedded {
     ctx: tempfile::TempDir,
-    data: tempfile::TempDir,
+    data: testkit::DataDir,
 }
 
 impl Embedded {
     fn new() -> Self {
-        support::base_images();
+        testkit::base_images();
         Embedded {
             ctx: tempfile::tempdir().unwrap(),
-            data: tempfile::tempdir().unwrap(),
+            data: testkit::data_dir(),
         }
     }
 
@@ -448,15 +433,6 @@ fn parked(data: &Path) -> usize {
         .count()
 }
 
-fn on_daemon(reference: &str) -> bool {
-    Command::new("docker")
-        .args(["image", "inspect", reference])
-        .output()
-        .unwrap()
-        .status
-        .success()
-}
-
 /// A stage the build reads only through `COPY --from` is parked in the data dir, not
 /// loaded into the daemon: a later build that edits its consumer reads the copied path
 /// from the parked archive (the image stays off the daemon); one built FROM it, or one
@@ -464,7 +440,7 @@ fn on_daemon(reference: &str) -> bool {
 #[test]
 fn copy_from_only_stages_are_parked_until_needed() {
     let e = Embedded::new();
-    let marker = support::unique_tag("park");
+    let marker = testkit::unique_tag("park");
     let producers = format!(
         "FROM alpine:latest AS one\nRUN mkdir /d && echo {marker} > /d/one\n\
          FROM alpine:latest AS two\nRUN echo {marker} > /two\n"
@@ -488,7 +464,7 @@ fn copy_from_only_stages_are_parked_until_needed() {
     };
     let (one, two) = (tag_of(0), tag_of(1));
     assert!(
-        !on_daemon(&one) && !on_daemon(&two),
+        !image_exists(&one) && !image_exists(&two),
         "the producers stay off the daemon"
     );
     assert_eq!(e.parked(), 2);
@@ -500,7 +476,7 @@ fn copy_from_only_stages_are_parked_until_needed() {
     );
     assert_eq!(stages(&edited, "stage_cached"), vec![0, 1]);
     assert!(
-        !on_daemon(&one) && !on_daemon(&two),
+        !image_exists(&one) && !image_exists(&two),
         "read without loading them"
     );
     assert_eq!(e.parked(), 2);
@@ -508,11 +484,11 @@ fn copy_from_only_stages_are_parked_until_needed() {
     // Built FROM: that parked image is loaded (and no longer parked).
     let from = build("FROM one\nRUN cat /d/one > /from\n", "/from");
     assert_eq!(stages(&from, "stage_cached"), vec![0, 1]);
-    assert!(on_daemon(&one) && !on_daemon(&two));
+    assert!(image_exists(&one) && !image_exists(&two));
     assert_eq!(e.parked(), 1);
 
     // A parked stage as the target, found in the cache: the output loads and tags it.
-    let tag = support::unique_tag("parked-target");
+    let tag = testkit::unique_tag("parked-target");
     let args = ["--target", "two", "-t", &tag];
     let target = embedded_submit(e.ctx.path(), e.data.path(), &args, &[]);
     assert!(target.ok, "{}", target.stderr);
@@ -529,7 +505,7 @@ fn copy_from_only_stages_are_parked_until_needed() {
 #[test]
 fn a_rebuilt_stage_replaces_its_parked_image() {
     let e = Embedded::new();
-    let marker = support::unique_tag("reparked");
+    let marker = testkit::unique_tag("reparked");
     let producer = format!(
         "FROM alpine:latest AS s\nRUN echo {marker} && cat /proc/sys/kernel/random/uuid > /n\n"
     );
@@ -560,7 +536,7 @@ fn a_rebuilt_stage_replaces_its_parked_image() {
 #[test]
 fn a_parked_image_without_its_base_is_rebuilt() {
     let e = Embedded::new();
-    let marker = support::unique_tag("baseless");
+    let marker = testkit::unique_tag("baseless");
     let step = format!("FROM alpine:latest AS s\nRUN echo {marker} > /a\n");
     let build = |df: String| e.build(&df, &[]);
     // The RUN's image stays on the daemon (a stage is built FROM s).
@@ -585,7 +561,7 @@ fn a_parked_image_without_its_base_is_rebuilt() {
     for t in String::from_utf8_lossy(&tags.stdout).split_whitespace() {
         let _ = Command::new("docker").args(["rmi", t]).output();
     }
-    assert!(!on_daemon(&run_image));
+    assert!(!image_exists(&run_image));
 
     let third = build(parked_df("/c"));
     assert_eq!(

@@ -1,6 +1,5 @@
 //! Ctrl-C during `dbuild submit`: every running stage is cancelled, the command exits
 //! non-zero, and no container or temporary volume is left on the daemon.
-mod support;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,9 +25,9 @@ fn containers_of(id: &str) -> Vec<String> {
 
 #[test]
 fn ctrl_c_cancels_every_stage_and_leaves_nothing() {
-    support::base_images();
+    testkit::base_images();
     let ctx = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
+    let data = testkit::data_dir();
     std::fs::write(
         ctx.path().join("Dockerfile"),
         format!(

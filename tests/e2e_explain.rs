@@ -1,5 +1,4 @@
 //! `dbuild explain` and the reasons `submit --progress plain` prints, on the real daemon.
-mod support;
 
 use std::path::Path;
 
@@ -22,9 +21,9 @@ fn run(args: &[&str], data: &Path) -> (bool, String, String) {
 
 #[test]
 fn explain_names_the_changed_file_and_build_arg() {
-    support::base_images();
+    testkit::base_images();
     let ctx = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
+    let data = testkit::data_dir();
     let c = ctx.path();
     let id = std::process::id();
     std::fs::write(

@@ -1,12 +1,11 @@
 //! `dbuild explain --coordinator URL`: hit or miss per stage from the farm's stage cache,
 //! and for a miss what changed since the farm last built the stage (its build history),
 //! with a coordinator and one worker on the local daemon.
-mod support;
 
 use std::path::Path;
 use std::process::Command;
 
-use support::farm::*;
+use testkit::farm::*;
 
 const DBUILD: &str = env!("CARGO_BIN_EXE_dbuild");
 
@@ -46,7 +45,7 @@ fn stage_lines<'a>(out: &'a str, label: &str) -> Vec<&'a str> {
 
 #[test]
 fn farm_explain_names_the_changed_file_and_build_arg() {
-    support::base_images();
+    testkit::base_images();
     let coord_data = tempfile::tempdir().unwrap();
     let worker_data = tempfile::tempdir().unwrap();
     let client_data = tempfile::tempdir().unwrap();

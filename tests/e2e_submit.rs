@@ -3,7 +3,6 @@
 //! `--iidfile`, `--progress json`, the cache and `--no-cache`.
 //!
 //! Run: `cargo test --test e2e_submit` (`DBUILD_E2E_KEEP=1` keeps the images).
-mod support;
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -12,7 +11,8 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::*;
+use testkit::leftovers::{containers, volumes};
+use testkit::*;
 
 /// Tests that start containers (dbuild builds, `docker run`) hold this for reading; the
 /// test that counts leftover containers holds it for writing, so nothing else in this
@@ -36,25 +36,11 @@ fn build(spec: &BuildSpec, tag: &str, data: &Path) -> Image {
     dbuild_build(spec, tag, data).unwrap_or_else(|r| panic!("dbuild submit failed\n{}", r.report()))
 }
 
-fn context(files: &[(&str, &str)]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for (name, body) in files {
-        let p = dir.path().join(name);
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(p, body).unwrap();
-    }
-    dir
-}
-
-fn image_exists(tag: &str) -> bool {
-    docker(&["image", "inspect", tag]).ok()
-}
-
 #[test]
 fn href_counter_builds_and_runs() {
     base_images();
     let _g = shared();
-    let data = tempfile::tempdir().unwrap();
+    let data = testkit::data_dir();
     let image = build(&BuildSpec::new(example()), &unique_tag("href"), data.path());
     // CMD ["./app"] in WORKDIR /root/: the binary the builder stage made.
     assert_eq!(run_image(&image.tag, &[]).trim(), images::FAKE_GO_OUTPUT);
@@ -72,7 +58,7 @@ fn href_counter_builds_and_runs() {
 fn href_counter_from_index_builds_and_runs() {
     base_images();
     let _g = shared();
-    let data = tempfile::tempdir().unwrap();
+    let data = testkit::data_dir();
     let spec = BuildSpec::new(example()).file(example().join("Dockerfile.from-index"));
     let image = build(&spec, &unique_tag("href-index"), data.path());
     assert_eq!(run_image(&image.tag, &[]).trim(), images::FAKE_GO_OUTPUT);
@@ -82,7 +68,7 @@ fn href_counter_from_index_builds_and_runs() {
 fn href_counter_target_builder_is_the_builder_stage() {
     base_images();
     let _g = shared();
-    let data = tempfile::tempdir().unwrap();
+    let data = testkit::data_dir();
     let spec = BuildSpec::new(example()).flags(&["--target", "builder"]);
     let image = build(&spec, &unique_tag("href-builder"), data.path());
     let s = image.snapshot();
@@ -108,7 +94,7 @@ fn href_counter_target_builder_is_the_builder_stage() {
 fn href_counter_external_copies_from_an_image() {
     base_images();
     let _g = shared();
-    let data = tempfile::tempdir().unwrap();
+    let data = testkit::data_dir();
     let spec = BuildSpec::new(example()).file(example().join("Dockerfile.external"));
     let image = build(&spec, &unique_tag("href-external"), data.path());
     assert_eq!(run_image(&image.tag, &[]).trim(), images::FAKE_GO_OUTPUT);
@@ -130,7 +116,7 @@ fn failing_run_names_the_stage_and_shows_its_log() {
     base_images();
     let _g = shared();
     let ctx = context(&[("Dockerfile", FAILING)]);
-    let data = tempfile::tempdir().unwrap();
+    let data = testkit::data_dir();
     let tag = unique_tag("failing");
     let r = dbuild_submit(
         &BuildSpec::new(ctx.path()),
@@ -150,27 +136,6 @@ fn failing_run_names_the_stage_and_shows_its_log() {
         r.report()
     );
     assert!(!image_exists(&tag), "a failed build must not tag {tag}");
-}
-
-/// Container ids that exist now.
-fn containers() -> BTreeSet<String> {
-    docker_ok(&["ps", "-aq", "--no-trunc"])
-        .stdout_text()
-        .lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect()
-}
-
-/// Volume names that exist now (a RUN container of an image with VOLUMEs gets anonymous
-/// volumes, which must go with it).
-fn volumes() -> BTreeSet<String> {
-    docker_ok(&["volume", "ls", "-q"])
-        .stdout_text()
-        .lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect()
 }
 
 /// Containers created since `before` that are still there after a grace period (others
@@ -207,7 +172,7 @@ fn no_containers_are_left_behind() {
     let _g = exclusive();
     let before = containers();
     let volumes_before = volumes();
-    let data = tempfile::tempdir().unwrap();
+    let data = testkit::data_dir();
     // Success, with RUN steps in both stages and the cache bypassed so they really run.
     let tag = unique_tag("leftover-ok");
     let _image = Image::new(tag.clone());
@@ -257,7 +222,7 @@ fn no_containers_are_left_behind() {
 fn output_tar_is_docker_loadable() {
     base_images();
     let _g = shared();
-    let data = tempfile::tempdir().unwrap();
+    let data = testkit::data_dir();
     let out = tempfile::tempdir().unwrap();
     let dest = out.path().join("image.tar");
     let tag = unique_tag("output-tar");
@@ -310,7 +275,7 @@ fn output_tar_is_docker_loadable() {
 fn output_none_builds_without_loading() {
     base_images();
     let _g = shared();
-    let data = tempfile::tempdir().unwrap();
+    let data = testkit::data_dir();
     let tag = unique_tag("output-none");
     let r = dbuild_submit(
         &BuildSpec::new(example()),
@@ -326,7 +291,7 @@ fn output_none_builds_without_loading() {
 fn iidfile_holds_the_image_id_and_every_tag_is_set() {
     base_images();
     let _g = shared();
-    let data = tempfile::tempdir().unwrap();
+    let data = testkit::data_dir();
     let iid = data.path().join("iid");
     let (t1, t2) = (unique_tag("iid-a"), unique_tag("iid-b"));
     let r = dbuild_submit(
@@ -421,7 +386,7 @@ fn stages_with(events: &[Value], event: &str) -> BTreeSet<u64> {
 fn progress_json_cache_and_no_cache() {
     base_images();
     let _g = shared();
-    let data = tempfile::tempdir().unwrap();
+    let data = testkit::data_dir();
     let spec = BuildSpec::new(example());
     let submit = |tag: &str, extra: &[&str]| {
         let mut args = vec!["-t", tag, "--progress", "json"];
@@ -518,7 +483,7 @@ fn pull_goes_to_the_registry() {
     base_images();
     let _g = shared();
     let ctx = context(&[("Dockerfile", "FROM alpine:latest\nRUN true\n")]);
-    let data = tempfile::tempdir().unwrap();
+    let data = testkit::data_dir();
     let r = dbuild_submit(
         &BuildSpec::new(ctx.path()),
         &["--pull", "--progress", "plain", "--output", "type=none"],
@@ -543,7 +508,7 @@ fn network_none_applies_to_every_run() {
         "Dockerfile",
         &format!("FROM alpine:latest\nRUN echo {marker} && ls /sys/class/net > /nets\n"),
     )]);
-    let data = tempfile::tempdir().unwrap();
+    let data = testkit::data_dir();
     let tag = unique_tag("network-none");
     let r = dbuild_submit(
         &BuildSpec::new(ctx.path()),

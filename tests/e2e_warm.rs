@@ -6,8 +6,6 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-mod support;
-
 const DBUILD: &str = env!("CARGO_BIN_EXE_dbuild");
 
 fn dbuild(data: &Path, args: &[&str]) -> Output {
@@ -28,10 +26,11 @@ fn json_lines(out: &Output) -> Vec<Value> {
 
 #[test]
 fn warm_builds_each_entry_reports_failures_and_leaves_hits_for_submit() {
-    support::base_images();
+    testkit::base_images();
     let root = tempfile::tempdir().unwrap();
     let data = root.path().join("data");
-    let marker = support::unique_tag("warm");
+    let _made = testkit::leftovers::DataDirAt::new(&data);
+    let marker = testkit::unique_tag("warm");
     let app = root.path().join("app");
     std::fs::create_dir_all(&app).unwrap();
     std::fs::write(

@@ -1,6 +1,7 @@
 //! Runs the parser over BuildKit's own parser fixtures in `shared/conformance`
 //! (see its README). Set `DBUILD_CONFORMANCE_DIR` to run another set of cases laid out the
-//! same way (for example the held-out half).
+//! same way (for example the held-out half). Without the corpus (a fresh clone has no
+//! `../shared` beside it) the tests are skipped, and fail under `CI=true`.
 //!
 //! A case is a directory holding a `Dockerfile` and
 //! - `result`: it must parse, and the dump must equal `result` byte for byte;
@@ -55,13 +56,16 @@ fn collect_cases(dir: &Path, out: &mut Vec<(PathBuf, Kind)>) {
     }
 }
 
-fn cases() -> Vec<(PathBuf, Kind)> {
+/// Every case, or `None` (the test skipped) when the corpus is not there.
+fn cases() -> Option<Vec<(PathBuf, Kind)>> {
     let dir = conformance_dir();
-    assert!(
-        dir.is_dir(),
-        "conformance directory {} is missing (set DBUILD_CONFORMANCE_DIR?)",
-        dir.display()
-    );
+    if !dir.is_dir() {
+        testkit::ci::skip(format!(
+            "conformance directory {} is missing (set DBUILD_CONFORMANCE_DIR?)",
+            dir.display()
+        ));
+        return None;
+    }
     let mut out = Vec::new();
     collect_cases(&dir, &mut out);
     assert!(
@@ -82,7 +86,7 @@ fn cases() -> Vec<(PathBuf, Kind)> {
             );
         }
     }
-    out
+    Some(out)
 }
 
 fn check_positive(case: &Path) -> Result<(), String> {
@@ -147,7 +151,7 @@ fn check_negative(case: &Path) -> Result<(), String> {
 
 #[test]
 fn buildkit_parser_conformance() {
-    let all = cases();
+    let Some(all) = cases() else { return };
     let mut failures = Vec::new();
     let mut counts = [0usize; 3];
     for (case, kind) in &all {
@@ -186,7 +190,7 @@ fn shipped_cases_are_all_present() {
     if std::env::var_os("DBUILD_CONFORMANCE_DIR").is_some() {
         return;
     }
-    let all = cases();
+    let Some(all) = cases() else { return };
     let count = |k: Kind| all.iter().filter(|(_, kind)| *kind == k).count();
     assert_eq!(count(Kind::Positive), 17);
     assert_eq!(count(Kind::Lines), 1);

@@ -1,7 +1,6 @@
 //! Config-only instructions and WORKDIR, compared with BuildKit.
-mod common;
 
-use common::*;
+use testkit::executor::*;
 
 #[tokio::test]
 async fn config_instructions_match_buildkit() {

@@ -1,9 +1,8 @@
 //! What keys a COPY --from consumer on content: a stage reports the digest of each path
 //! later stages copy from it (never covering mtimes, so a rebuild that made the same file
 //! reports the same digest), and a consumer keyed on a digest refuses to copy anything else.
-mod common;
 
-use common::*;
+use testkit::executor::*;
 
 #[tokio::test]
 async fn contents_ignore_mtimes_and_a_consumer_checks_what_it_copies() {
@@ -93,7 +92,7 @@ async fn contents_from_the_stage_layers_equal_an_image_read() {
         let (built, _) = run_all(&ex, std::slice::from_ref(task), &inputs).await;
         let built = built.unwrap().remove(0);
         assert_eq!(built.contents.len(), n, "{:?}", built.contents);
-        let read = model::task::Executor::contents(&fresh, &built.image_id, &paths).await;
+        let read = model::task::Executor::contents(&*fresh, &built.image_id, &paths).await;
         assert_eq!(read, built.contents);
     }
 }

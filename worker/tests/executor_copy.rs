@@ -1,7 +1,6 @@
 //! COPY/ADD destination rules, modes and owners, compared with BuildKit.
-mod common;
 
-use common::*;
+use testkit::executor::*;
 
 fn context(dir: &std::path::Path) {
     write_context(

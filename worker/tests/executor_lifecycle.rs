@@ -1,11 +1,10 @@
 //! Failure, cancellation, per-instruction reuse, mounts, heredocs and image resolution.
-mod common;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::*;
 use model::task::{Executor, StageLog};
+use testkit::executor::*;
 use tokio_util::sync::CancellationToken;
 
 fn nonce() -> u128 {
@@ -89,7 +88,8 @@ async fn unchanged_prefix_is_reused() {
     );
     // Changing the last instruction reuses the first three.
     let df2 = df.replace("LABEL l=1", "LABEL l=2");
-    let (mut tasks2, inputs2) = common::tasks(&ex, dir.path(), &df2, BTreeMap::new()).await;
+    let (mut tasks2, inputs2) =
+        testkit::executor::tasks(&ex, dir.path(), &df2, BTreeMap::new()).await;
     tasks2[0].no_cache = false;
     let (third, _) = run_all(&ex, &tasks2, &inputs2).await;
     let third = third.unwrap().remove(0);
@@ -183,7 +183,7 @@ EOF
     // A required secret that is missing fails the RUN.
     let df2 =
         format!("FROM {BUSYBOX}\nRUN --mount=type=secret,id=nope,required cat /run/secrets/nope\n");
-    let (t2, i2) = common::tasks(&ex, dir.path(), &df2, BTreeMap::new()).await;
+    let (t2, i2) = testkit::executor::tasks(&ex, dir.path(), &df2, BTreeMap::new()).await;
     let e = run_all(&ex, &t2, &i2).await.0.expect_err("missing secret");
     assert!(e.message.contains("nope"), "{e:?}");
     assert!(

@@ -2,9 +2,8 @@
 //! overlay upper directory: what it writes, and that an image built that way is the image
 //! the daemon's change list gives, and BuildKit's. A `--network=none` RUN without the
 //! daemon's network sandbox: what it sees is what it saw with the sandbox.
-mod common;
 
-use common::*;
+use testkit::executor::*;
 use worker::executor::upper;
 
 /// The daemon's storage driver.

@@ -1,11 +1,10 @@
 //! RUN mounts that show a single file (secrets, binds of one file), compared with
 //! BuildKit: the file alone appears at its target, its siblings stay visible, and nothing
 //! of it (not even the mount point the runtime had to create) is left in the image.
-mod common;
 
 use std::collections::BTreeMap;
 
-use common::*;
+use testkit::executor::*;
 
 #[tokio::test]
 async fn single_file_mounts_match_buildkit() {

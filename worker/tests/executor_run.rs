@@ -1,7 +1,6 @@
 //! RUN, multi-stage COPY --from, scratch and ONBUILD, compared with BuildKit.
-mod common;
 
-use common::*;
+use testkit::executor::*;
 
 #[tokio::test]
 async fn run_and_stages_match_buildkit() {

@@ -1,11 +1,10 @@
 //! ARG and ENV as BuildKit sees them: ARG defaults that read the base image's ENV, ARGs
 //! given by --build-arg over ENV, ENV over an earlier ARG; and the same values when
 //! the instructions that set them are reused from cache.
-mod common;
 
 use std::collections::BTreeMap;
 
-use common::*;
+use testkit::executor::*;
 
 const GO_BASE: &str = "dbuild-worker-test/goenv:latest";
 
@@ -17,7 +16,7 @@ fn go_base(dir: &std::path::Path) {
         let df = format!(
             "FROM {BUSYBOX}\nENV GOPATH=/go PATH=/go/bin:/usr/bin:/bin SHADOWED=from-image\n"
         );
-        build_buildkit(dir, &df, GO_BASE);
+        buildkit_base(dir, &df, GO_BASE);
     });
 }
 

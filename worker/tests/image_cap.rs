@@ -5,8 +5,6 @@ use std::time::Duration;
 
 use worker::image_cap::ImageCap;
 
-mod common;
-
 /// A one-layer image of `kib` KiB of random bytes, tagged `tag`.
 fn image(tag: &str, kib: usize) {
     let dir = tempfile::tempdir().unwrap();
@@ -27,11 +25,11 @@ fn image(tag: &str, kib: usize) {
         .unwrap()
         .success();
     assert!(ok);
-    common::docker(&["import", tar.to_str().unwrap(), tag]).unwrap();
+    testkit::executor::docker(&["import", tar.to_str().unwrap(), tag]).unwrap();
 }
 
 fn exists(tag: &str) -> bool {
-    common::docker(&["image", "inspect", tag]).is_ok()
+    testkit::executor::docker(&["image", "inspect", tag]).is_ok()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use super::{docker_ok, sha256, tarball};
+use crate::docker::docker_ok;
+use crate::{sha256, tarball};
 
 /// Paths left out of every snapshot, with the reason. Each is something a container runtime
 /// puts into (or mounts over) the rootfs of *every* container a builder runs, so whether a
@@ -17,6 +18,8 @@ use super::{docker_ok, sha256, tarball};
 ///   tree mounted into every container (`/dev/console`, `/dev/pts`, `/dev/shm` ...).
 ///
 /// A Dockerfile that really writes one of these paths is therefore not checked there.
+/// (`/etc/mtab`, which `docker export` of a container shows, is in no layer: snapshots are
+/// read from `docker save`, so it needs no entry.)
 pub const IGNORED: &[&str] = &[
     "/.dockerenv",
     "/etc/hosts",
@@ -41,6 +44,7 @@ pub const CONFIG_FIELDS: &[&str] = &[
     "Healthcheck",
     "Shell",
     "OnBuild",
+    "ArgsEscaped",
 ];
 
 pub fn is_ignored(path: &str) -> bool {
@@ -150,8 +154,8 @@ pub struct Snapshot {
     pub fs: BTreeMap<String, Entry>,
     /// File contents by path (files and hardlinks), for direct assertions.
     pub contents: BTreeMap<String, Vec<u8>>,
-    /// The [`CONFIG_FIELDS`] present in the config; empty values (null, "", [], {}) are
-    /// left out, since Docker treats them all as unset.
+    /// The [`CONFIG_FIELDS`] present in the config; empty values (null, false, "", [], {})
+    /// are left out, since Docker treats them all as unset.
     pub config: BTreeMap<String, Value>,
     /// How many layers the image has (informational: never compared).
     pub layers: usize,
@@ -309,7 +313,7 @@ pub fn flatten(layers: &[Vec<u8>]) -> Result<(Entries, Contents), String> {
 
 fn is_empty(v: &Value) -> bool {
     match v {
-        Value::Null => true,
+        Value::Null | Value::Bool(false) => true,
         Value::String(s) => s.is_empty(),
         Value::Array(a) => a.is_empty(),
         Value::Object(o) => o.is_empty(),
@@ -333,6 +337,24 @@ impl Snapshot {
     /// `docker save IMAGE`, flattened. Reading the config from the same archive as the
     /// layers means both describe one image even if a tag moves meanwhile.
     pub fn of(image: &str) -> Snapshot {
+        // `docker save` (20.10) refuses an image without layers (a bare `FROM scratch`):
+        // it has no filesystem, only a config.
+        let inspected = docker_ok(&["image", "inspect", "--format", "{{json .}}", image]);
+        let inspected: Value = serde_json::from_slice(&inspected.stdout)
+            .unwrap_or_else(|e| panic!("`docker image inspect {image}`: {e}"));
+        let no_layers = inspected["RootFS"]["Layers"]
+            .as_array()
+            .is_none_or(|l| l.is_empty());
+        if no_layers {
+            return Snapshot {
+                image: image.to_string(),
+                id: inspected["Id"].as_str().unwrap_or_default().to_string(),
+                fs: BTreeMap::new(),
+                contents: BTreeMap::new(),
+                config: config_fields(&inspected["Config"]),
+                layers: 0,
+            };
+        }
         let saved = docker_ok(&["save", image]);
         Snapshot::from_saved(image, &saved.stdout)
             .unwrap_or_else(|e| panic!("reading `docker save {image}`: {e}"))

@@ -1,126 +1,84 @@
-//! Test helpers: a busybox base image, StageTasks from a Dockerfile string, BuildKit
-//! builds, and filesystem/config comparison of two images. Real daemon, no mocks.
-#![allow(dead_code)]
+//! Executor-level builds, as the worker's tests run them: StageTasks made from a
+//! Dockerfile string the one way the scheduler makes them, run on a [`DockerExecutor`] of
+//! the local daemon, and compared with BuildKit's image of the same Dockerfile. Every tag
+//! of every task made here is noted for removal ([`crate::leftovers`]).
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 use bollard::query_parameters::{
-    CreateImageOptionsBuilder, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
-    ListVolumesOptionsBuilder,
+    ListContainersOptionsBuilder, ListImagesOptionsBuilder, ListVolumesOptionsBuilder,
 };
 use coordinator::scheduler::{external_images, stage_task, BuildRequest, PinnedImages};
-use futures::StreamExt;
 use model::context::{scan, ScanOptions};
 use model::frontend::parser::parse;
 use model::frontend::plan::{plan, PlanOptions};
 use model::keys::compute_keys;
 use model::task::{
-    stage_image_tag, BuildInputs, Executor, LocalContext, StageError, StageLog, StageResult,
-    StageTask,
+    instruction_image_tag, stage_image_tag, BuildInputs, Executor, LocalContext, StageError,
+    StageLog, StageResult, StageTask,
 };
 use tokio_util::sync::CancellationToken;
 use worker::DockerExecutor;
 
-/// The busybox base image every test builds on.
-pub const BUSYBOX: &str = "dbuild-worker-test/busybox:latest";
+use crate::compare::assert_same_image;
+use crate::leftovers::{self, Claim};
+use crate::snapshot::Snapshot;
 
-static BASE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+/// The busybox base image every executor test builds on (an empty config).
+pub const BUSYBOX: &str = crate::images::BARE_BUSYBOX;
 
-/// A rootfs tar: /bin/busybox, its applets as symlinks, /etc/passwd and /etc/group with
-/// root and `app` (1000:1000), and /tmp.
-fn rootfs_tar() -> Vec<u8> {
-    let mut t = tar::Builder::new(Vec::new());
-    let dir = |t: &mut tar::Builder<Vec<u8>>, name: &str, mode: u32| {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_mode(mode);
-        h.set_size(0);
-        t.append_data(&mut h, name, std::io::empty()).unwrap();
-    };
-    let file = |t: &mut tar::Builder<Vec<u8>>, name: &str, mode: u32, data: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_mode(mode);
-        h.set_size(data.len() as u64);
-        t.append_data(&mut h, name, data).unwrap();
-    };
-    dir(&mut t, "bin/", 0o755);
-    dir(&mut t, "etc/", 0o755);
-    dir(&mut t, "tmp/", 0o1777);
-    dir(&mut t, "root/", 0o700);
-    dir(&mut t, "home/", 0o755);
-    file(
-        &mut t,
-        "bin/busybox",
-        0o755,
-        &std::fs::read("/bin/busybox").unwrap(),
-    );
-    file(
-        &mut t,
-        "etc/passwd",
-        0o644,
-        b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
-    );
-    file(&mut t, "etc/group", 0o644, b"root:x:0:\napp:x:1000:\n");
-    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet == "busybox" || applet.contains('/') || applet.is_empty() {
-            continue;
-        }
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_mode(0o777);
-        h.set_size(0);
-        t.append_link(&mut h, format!("bin/{applet}"), "busybox")
-            .unwrap();
-    }
-    t.into_inner().unwrap()
+/// A [`DockerExecutor`] for one test (it derefs to one): while it lives, the images of
+/// the tasks it was given stay; after, they are removed with the rest of what the tests
+/// noted ([`crate::leftovers`]).
+pub struct TestExecutor {
+    ex: DockerExecutor,
+    _claim: Claim,
 }
 
-/// Connects an executor named `name` (use names that are not prefixes of each other:
-/// leftovers are found by name).
-pub async fn executor(name: &str) -> DockerExecutor {
+impl std::ops::Deref for TestExecutor {
+    type Target = DockerExecutor;
+    fn deref(&self) -> &DockerExecutor {
+        &self.ex
+    }
+}
+
+impl TestExecutor {
+    fn map(self, f: impl FnOnce(DockerExecutor) -> DockerExecutor) -> TestExecutor {
+        TestExecutor {
+            ex: f(self.ex),
+            _claim: self._claim,
+        }
+    }
+    /// [`DockerExecutor::with_scratch_dir`].
+    pub fn with_scratch_dir(self, dir: &Path) -> TestExecutor {
+        self.map(|ex| ex.with_scratch_dir(dir))
+    }
+    /// [`DockerExecutor::without_local_shortcuts`].
+    pub fn without_local_shortcuts(self) -> TestExecutor {
+        self.map(DockerExecutor::without_local_shortcuts)
+    }
+    /// [`DockerExecutor::without_upper_dirs`].
+    pub fn without_upper_dirs(self) -> TestExecutor {
+        self.map(DockerExecutor::without_upper_dirs)
+    }
+}
+
+/// Connects an executor named `name` to the local daemon, with the base images made (use
+/// names that are not prefixes of each other: [`leftovers`] finds containers by name).
+pub async fn executor(name: &str) -> TestExecutor {
+    crate::images::base_images();
+    let claim = Claim::new();
     let ex = DockerExecutor::connect(None, name)
         .await
         .expect("docker daemon");
-    BASE.get_or_init(|| async {
-        if docker(&["image", "inspect", BUSYBOX]).is_ok() {
-            return;
-        }
-        let opts = CreateImageOptionsBuilder::default()
-            .from_src("-")
-            .repo("dbuild-worker-test/busybox")
-            .tag("latest")
-            .build();
-        let mut s = ex.daemon().docker().create_image(
-            Some(opts),
-            Some(bollard::body_full(rootfs_tar().into())),
-            None,
-        );
-        while let Some(r) = s.next().await {
-            r.expect("import busybox rootfs");
-        }
-    })
-    .await;
-    ex
+    TestExecutor { ex, _claim: claim }
 }
 
-/// Runs the docker CLI (20.10, with BuildKit built in), returning stdout.
+/// Runs the docker CLI (20.10, with BuildKit built in), returning stdout (or stderr).
 pub fn docker(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("/usr/bin/docker")
-        .args(args)
-        .env("DOCKER_BUILDKIT", "1")
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).to_string())
-    }
+    crate::docker::docker(args).into_result()
 }
 
 /// Writes a context directory: `(path, mode, content)`; a content starting with `->`
@@ -186,13 +144,20 @@ pub async fn tasks_with(
         network: None,
         exports: Default::default(),
     };
-    let out = req
+    let out: Vec<StageTask> = req
         .plan
         .stages
         .iter()
         .filter(|s| req.plan.built[s.index])
         .map(|s| stage_task(&req, s.index))
         .collect();
+    leftovers::note_tags(leftovers::absent_tags(
+        out.iter().flat_map(task_tags).collect(),
+    ));
+    leftovers::note_volumes(leftovers::absent_volumes(leftovers::cache_volumes(
+        ex.name_prefix(),
+        dockerfile,
+    )));
     let inputs = BuildInputs {
         manifest: Arc::new(manifest),
         context: Arc::new(LocalContext {
@@ -201,6 +166,12 @@ pub async fn tasks_with(
         secrets: Arc::new(secrets),
     };
     (out, inputs)
+}
+
+/// The tags a task's images get: its stage's and each instruction's.
+fn task_tags(t: &StageTask) -> impl Iterator<Item = String> + '_ {
+    std::iter::once(stage_image_tag(&t.key))
+        .chain(t.instructions.iter().map(|i| instruction_image_tag(&i.key)))
 }
 
 /// Runs every task in order; returns each stage's result (or the first error) and the
@@ -235,6 +206,7 @@ pub async fn run_all(
     if let Err(e) = ex.settle_all().await {
         err.get_or_insert(e);
     }
+    leftovers::note_current(tasks.iter().flat_map(task_tags).collect());
     let mut lines = Vec::new();
     while let Some(l) = rx.recv().await {
         lines.push(l.line);
@@ -252,13 +224,25 @@ pub async fn build_ours(ex: &DockerExecutor, dir: &Path, dockerfile: &str) -> St
     stage_image_tag(&tasks.last().unwrap().key)
 }
 
-/// Builds with BuildKit (`DOCKER_BUILDKIT=1 /usr/bin/docker build --network=none`).
+/// Builds with BuildKit (`DOCKER_BUILDKIT=1 /usr/bin/docker build --network=none`); the
+/// tag is removed with the test's images.
 pub fn build_buildkit(dir: &Path, dockerfile: &str, tag: &str) {
     build_buildkit_with(dir, dockerfile, tag, &[]);
 }
 
 /// [`build_buildkit`] with extra `docker build` flags (e.g. `--secret`).
 pub fn build_buildkit_with(dir: &Path, dockerfile: &str, tag: &str, extra: &[&str]) {
+    buildkit_image(dir, dockerfile, tag, extra);
+    leftovers::note_current(vec![tag.to_string()]);
+}
+
+/// A base image for later builds, made by BuildKit and kept like the base images of
+/// [`crate::images`] (removing it would change the keys of every build on it).
+pub fn buildkit_base(dir: &Path, dockerfile: &str, tag: &str) {
+    buildkit_image(dir, dockerfile, tag, &[]);
+}
+
+fn buildkit_image(dir: &Path, dockerfile: &str, tag: &str, extra: &[&str]) {
     std::fs::write(dir.join("Dockerfile"), dockerfile).unwrap();
     let mut args = vec!["build", "--network=none", "-q", "-t", tag];
     args.extend_from_slice(extra);
@@ -266,110 +250,12 @@ pub fn build_buildkit_with(dir: &Path, dockerfile: &str, tag: &str, extra: &[&st
     docker(&args).unwrap_or_else(|e| panic!("BuildKit build failed:\n{e}"));
 }
 
-/// Paths the daemon adds to any container outside the Dockerfile's control.
-const IGNORED: &[&str] = &[
-    ".dockerenv",
-    "dev",
-    "proc",
-    "sys",
-    "etc/hosts",
-    "etc/hostname",
-    "etc/resolv.conf",
-    "etc/mtab",
-];
-
-fn ignored(path: &str) -> bool {
-    IGNORED
-        .iter()
-        .any(|i| path == *i || path.starts_with(&format!("{i}/")))
-}
-
-/// An image's filesystem: path → "type mode uid:gid size blake3 -> link".
+/// An image's filesystem, as the comparison of [`Snapshot`]s sees it: path (relative, as
+/// in a tar) → its one-line description.
 pub fn image_fs(image: &str) -> BTreeMap<String, String> {
-    let c = docker(&["create", image, "/nonexistent"])
-        .expect("create")
-        .trim()
-        .to_string();
-    let out = Command::new("/usr/bin/docker")
-        .args(["export", &c])
-        .output()
-        .expect("export");
-    docker(&["rm", "-v", &c]).expect("rm");
-    let mut ar = tar::Archive::new(out.stdout.as_slice());
-    let mut fs = BTreeMap::new();
-    for e in ar.entries().unwrap() {
-        let mut e = e.unwrap();
-        let path = e
-            .path()
-            .unwrap()
-            .to_string_lossy()
-            .trim_end_matches('/')
-            .to_string();
-        if path.is_empty() || ignored(&path) {
-            continue;
-        }
-        let h = e.header().clone();
-        let kind = match h.entry_type() {
-            tar::EntryType::Directory => "dir",
-            tar::EntryType::Symlink => "symlink",
-            tar::EntryType::Link => "hardlink",
-            tar::EntryType::Regular => "file",
-            _ => "other",
-        };
-        let mut data = Vec::new();
-        e.read_to_end(&mut data).unwrap();
-        let link = e
-            .link_name()
-            .unwrap()
-            .map(|l| format!(" -> {}", l.to_string_lossy()))
-            .unwrap_or_default();
-        let size = if kind == "dir" { 0 } else { data.len() };
-        fs.insert(
-            path,
-            format!(
-                "{kind} {:04o} {}:{} {size} {}{link}",
-                h.mode().unwrap() & 0o7777,
-                h.uid().unwrap(),
-                h.gid().unwrap(),
-                &blake3::hash(&data).to_hex()[..12],
-            ),
-        );
-    }
-    fs
-}
-
-/// The compared config fields, with empty values dropped.
-pub fn image_config(image: &str) -> BTreeMap<String, serde_json::Value> {
-    let raw = docker(&["image", "inspect", "--format", "{{json .Config}}", image]).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&raw).unwrap();
-    let keep = [
-        "Env",
-        "Cmd",
-        "Entrypoint",
-        "WorkingDir",
-        "User",
-        "Labels",
-        "ExposedPorts",
-        "Volumes",
-        "StopSignal",
-        "Healthcheck",
-        "Shell",
-        "OnBuild",
-        "ArgsEscaped",
-    ];
-    v.as_object()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| keep.contains(&k.as_str()))
-        .filter(|(_, v)| match v {
-            serde_json::Value::Null => false,
-            serde_json::Value::Bool(b) => *b,
-            serde_json::Value::String(s) => !s.is_empty(),
-            serde_json::Value::Array(a) => !a.is_empty(),
-            serde_json::Value::Object(o) => !o.is_empty(),
-            _ => true,
-        })
-        .map(|(k, v)| (k.clone(), v.clone()))
+    let s = Snapshot::of(image);
+    s.fs.keys()
+        .map(|p| (p.trim_start_matches('/').to_string(), s.describe(p)))
         .collect()
 }
 
@@ -391,15 +277,7 @@ pub fn diff<V: std::fmt::Debug + PartialEq>(
 
 /// Asserts that our image and BuildKit's have the same filesystem and config.
 pub fn assert_same(ours: &str, theirs: &str) {
-    let fs = diff(&image_fs(ours), &image_fs(theirs));
-    let cfg = diff(&image_config(ours), &image_config(theirs));
-    if !fs.is_empty() || !cfg.is_empty() {
-        panic!(
-            "images differ ({ours} vs BuildKit {theirs})\nfilesystem:\n{}\nconfig:\n{}",
-            fs.join("\n"),
-            cfg.join("\n")
-        );
-    }
+    assert_same_image(&Snapshot::of(theirs), &Snapshot::of(ours));
 }
 
 /// Containers, volumes and bare images this executor left behind.

@@ -10,10 +10,10 @@
 
 use std::path::{Path, PathBuf};
 
-use super::BuildSpec;
+use crate::build::BuildSpec;
 
 pub fn corpus_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/corpus")
 }
 
 /// Every case folder's name, sorted.

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
-use super::snapshot::Snapshot;
+use crate::snapshot::{Snapshot, CONFIG_FIELDS};
 
 /// One differing path or config field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,7 +41,7 @@ fn env_map(v: Option<&Value>) -> Vec<(String, String)> {
 }
 
 fn diff_config(expected: &Snapshot, actual: &Snapshot, out: &mut Vec<Difference>) {
-    for field in super::snapshot::CONFIG_FIELDS {
+    for field in CONFIG_FIELDS {
         let (e, a) = (expected.config.get(*field), actual.config.get(*field));
         if e == a {
             continue;

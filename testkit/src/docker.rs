@@ -1,34 +1,19 @@
-//! Shared by the end-to-end tests (`mod support;`): local base images (no registry here),
-//! reference builds with BuildKit, builds with `dbuild submit`, image snapshots and their
-//! side-by-side comparison, and the Dockerfile corpus in `tests/corpus/`.
-#![allow(dead_code, unused_imports)]
-
-pub mod compare;
-pub mod corpus;
-pub mod farm;
-pub mod images;
-/// SHA-256 as the executor computes it (Docker's layer digests).
-pub use worker::executor::sha256;
-pub mod snapshot;
-pub mod tarball;
+//! The one way the tests run the Docker CLI (and any other command): a timeout, stdin fed
+//! from memory, stdout and stderr kept for the failure message.
 
 use std::ffi::OsStr;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-pub use compare::{assert_same_image, differences, render, Difference};
-pub use corpus::Case;
-pub use images::base_images;
-pub use snapshot::Snapshot;
+use crate::snapshot::Snapshot;
 
 /// The Docker client that builds with the daemon's own BuildKit (20.10): the newer client
 /// on PATH wants a buildx plugin this machine does not have.
 pub const DOCKER: &str = "/usr/bin/docker";
 
-/// Longest a single build may take before the test kills it and fails.
+/// Longest a single command (a build, say) may take before the test kills it and fails.
 pub const BUILD_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// What a finished command left behind.
@@ -49,6 +34,14 @@ impl Run {
     }
     pub fn stderr_text(&self) -> String {
         String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+    /// Its stdout when it succeeded, else its stderr.
+    pub fn into_result(self) -> Result<String, String> {
+        if self.ok() {
+            Ok(self.stdout_text())
+        } else {
+            Err(self.stderr_text())
+        }
     }
     /// A readable account for failure messages (stdout only when it is text and short).
     pub fn report(&self) -> String {
@@ -135,11 +128,31 @@ pub fn run_with(mut cmd: Command, stdin: Option<&[u8]>, timeout: Duration) -> Ru
     }
 }
 
-/// `docker ARGS`, whatever its outcome.
-pub fn docker(args: &[&str]) -> Run {
+/// The Docker CLI on the daemon `host` (`None`: the local one, or `DOCKER_HOST`).
+pub fn command(host: Option<&str>) -> Command {
     let mut cmd = Command::new(DOCKER);
+    cmd.env("DOCKER_BUILDKIT", "1");
+    if let Some(h) = host {
+        cmd.env("DOCKER_HOST", h);
+    }
+    cmd
+}
+
+/// `docker ARGS` on `host`, whatever its outcome.
+pub fn docker_on(host: Option<&str>, args: &[&str]) -> Run {
+    let mut cmd = command(host);
     cmd.args(args);
     run_with(cmd, None, BUILD_TIMEOUT)
+}
+
+/// `docker ARGS` on the daemon `host`, whatever its outcome.
+pub fn docker_at(host: &str, args: &[&str]) -> Run {
+    docker_on(Some(host), args)
+}
+
+/// `docker ARGS`, whatever its outcome.
+pub fn docker(args: &[&str]) -> Run {
+    docker_on(None, args)
 }
 
 /// `docker ARGS`, which must succeed.
@@ -147,6 +160,18 @@ pub fn docker_ok(args: &[&str]) -> Run {
     let r = docker(args);
     assert!(r.ok(), "{}", r.report());
     r
+}
+
+/// Whether the daemon has an image of that name or id.
+pub fn image_exists(reference: &str) -> bool {
+    docker(&["image", "inspect", reference]).ok()
+}
+
+/// `docker run --rm IMAGE ARGS...` (no network), which must succeed; its stdout.
+pub fn run_image(image: &str, args: &[&str]) -> String {
+    let mut all = vec!["run", "--rm", "--network=none", image];
+    all.extend_from_slice(args);
+    docker_ok(&all).stdout_text()
 }
 
 /// A tag no other test (or earlier run) uses: `dbuild-e2e/<label>:<pid>-<n>`.
@@ -191,124 +216,17 @@ impl Image {
         Snapshot::of(&self.tag)
     }
     pub fn exists(&self) -> bool {
-        docker(&["image", "inspect", &self.tag]).ok()
+        image_exists(&self.tag)
     }
 }
 
 impl Drop for Image {
     fn drop(&mut self) {
         if std::env::var_os("DBUILD_E2E_KEEP").is_none() {
-            let _ = docker(&["rmi", "--force", "--no-prune", &self.tag]);
+            // Never forced: forced by id, it would take every other tag of the image with
+            // it (`dbuild-stage:<key>` of a stage a parallel test is about to reuse).
+            // Untagged parents go too (prune): a committed image's bare base, say.
+            let _ = docker(&["rmi", &self.tag]);
         }
     }
-}
-
-/// What to build: a context directory, a Dockerfile and `docker build`-style flags
-/// (`--target`, `--build-arg`, `--secret`, `--no-cache`) that both builders accept.
-#[derive(Debug, Clone)]
-pub struct BuildSpec {
-    pub context: PathBuf,
-    pub dockerfile: Option<PathBuf>,
-    pub flags: Vec<String>,
-}
-
-impl BuildSpec {
-    pub fn new(context: impl Into<PathBuf>) -> BuildSpec {
-        BuildSpec {
-            context: context.into(),
-            dockerfile: None,
-            flags: Vec::new(),
-        }
-    }
-    pub fn file(mut self, f: impl Into<PathBuf>) -> BuildSpec {
-        self.dockerfile = Some(f.into());
-        self
-    }
-    pub fn flags<S: AsRef<str>>(mut self, flags: &[S]) -> BuildSpec {
-        self.flags
-            .extend(flags.iter().map(|s| s.as_ref().to_string()));
-        self
-    }
-}
-
-/// The reference: `DOCKER_BUILDKIT=1 docker build --network=none -q -t TAG [-f F] FLAGS CTX`.
-pub fn buildkit_build(spec: &BuildSpec, tag: &str) -> Result<Image, Run> {
-    let mut cmd = Command::new(DOCKER);
-    cmd.env("DOCKER_BUILDKIT", "1")
-        .args(["build", "--network=none", "-q", "-t", tag]);
-    if let Some(f) = &spec.dockerfile {
-        cmd.arg("-f").arg(f);
-    }
-    cmd.args(&spec.flags).arg(&spec.context);
-    let r = run_with(cmd, None, BUILD_TIMEOUT);
-    if r.ok() {
-        Ok(Image::new(tag.to_string()))
-    } else {
-        Err(r)
-    }
-}
-
-/// The dbuild binary under test.
-pub fn dbuild_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_dbuild")
-}
-
-/// `dbuild submit CTX [-f F] FLAGS EXTRA` with `DBUILD_DATA_DIR=data_dir`, whatever its
-/// outcome. `extra` holds submit-only flags (`-t`, `--progress`, `--output` ...).
-pub fn dbuild_submit(spec: &BuildSpec, extra: &[&str], data_dir: &Path) -> Run {
-    let mut cmd = Command::new(dbuild_bin());
-    cmd.env("DBUILD_DATA_DIR", data_dir)
-        .arg("submit")
-        .arg(&spec.context);
-    if let Some(f) = &spec.dockerfile {
-        cmd.arg("-f").arg(f);
-    }
-    cmd.args(&spec.flags).args(extra);
-    run_with(cmd, None, BUILD_TIMEOUT)
-}
-
-/// `dbuild submit ... -t TAG --progress plain`, which must succeed.
-pub fn dbuild_build(spec: &BuildSpec, tag: &str, data_dir: &Path) -> Result<Image, Run> {
-    let r = dbuild_submit(spec, &["-t", tag, "--progress", "plain"], data_dir);
-    if r.ok() {
-        Ok(Image::new(tag.to_string()))
-    } else {
-        Err(r)
-    }
-}
-
-/// Builds `spec` with BuildKit (from `reference`, when given, instead of the spec's own
-/// Dockerfile) and with dbuild, then compares the two images; panics with the
-/// side-by-side table when they differ.
-pub fn assert_parity(label: &str, spec: &BuildSpec, reference: Option<&BuildSpec>) {
-    base_images();
-    let bk = buildkit_build(
-        reference.unwrap_or(spec),
-        &unique_tag(&format!("{label}-buildkit")),
-    )
-    .unwrap_or_else(|r| {
-        panic!(
-            "{label}: the reference BuildKit build failed\n{}",
-            r.report()
-        )
-    });
-    let data = tempfile::tempdir().unwrap();
-    let db = dbuild_build(spec, &unique_tag(&format!("{label}-dbuild")), data.path())
-        .unwrap_or_else(|r| panic!("{label}: dbuild submit failed\n{}", r.report()));
-    let (expected, actual) = (bk.snapshot(), db.snapshot());
-    assert_same_image(&expected, &actual);
-}
-
-/// Runs a case from `tests/corpus/` through [`assert_parity`].
-pub fn corpus_parity(name: &str) {
-    let case = Case::load(name);
-    let reference = case.reference_spec();
-    assert_parity(name, &case.spec(), reference.as_ref());
-}
-
-/// `docker run --rm IMAGE ARGS...` (no network), which must succeed; its stdout.
-pub fn run_image(image: &str, args: &[&str]) -> String {
-    let mut all = vec!["run", "--rm", "--network=none", image];
-    all.extend_from_slice(args);
-    docker_ok(&all).stdout_text()
 }

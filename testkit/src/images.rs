@@ -1,5 +1,5 @@
-//! The base images the corpus and the examples name, made locally: no registry is
-//! reachable here. Each is a busybox rootfs (`/bin/busybox` and one symlink per applet,
+//! The base images the tests, the corpus and the examples name, made locally (no registry
+//! is reachable here), the one way they are made: `examples/base-images.sh` runs this too. Each is a busybox rootfs (`/bin/busybox` and one symlink per applet,
 //! `/etc/passwd` and `/etc/group` with `root` and `app` 1000:1000) written as a tar and
 //! `docker import`ed, then tagged under the names the Dockerfiles use.
 //!
@@ -10,7 +10,8 @@
 use std::process::Command;
 use std::sync::OnceLock;
 
-use super::{run_with, sha256, tarball, BUILD_TIMEOUT, DOCKER};
+use crate::docker::{command, run_with, BUILD_TIMEOUT};
+use crate::{sha256, tarball};
 
 /// The label holding the hash of what an image was made from.
 pub const SPEC_LABEL: &str = "org.dbuild.test.base";
@@ -22,8 +23,14 @@ pub const BUSYBOX: &str = "busybox:latest";
 pub const GOLANG: &str = "golang:1.7.3";
 /// `nginx:latest`: the rootfs plus /etc/nginx/nginx.conf ([`NGINX_CONF`]).
 pub const NGINX: &str = "nginx:latest";
+/// The executor tests' base: the plain busybox rootfs with an empty config (no ENV, no
+/// CMD), so what a test's Dockerfile sets is all its image has.
+pub const BARE_BUSYBOX: &str = "dbuild-worker-test/busybox:latest";
 /// An image whose config holds ONBUILD triggers ([`ONBUILD_TRIGGERS`]).
 pub const ONBUILD: &str = "dbuild-test/onbuild:latest";
+
+/// Every tag made here.
+pub const TAGS: &[&str] = &[ALPINE, BUSYBOX, GOLANG, NGINX, ONBUILD, BARE_BUSYBOX];
 
 pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 pub const GO_PATH: &str =
@@ -173,6 +180,11 @@ fn specs() -> Vec<Spec> {
             ],
         },
         Spec {
+            tags: &[BARE_BUSYBOX],
+            tar: rootfs(|_| {}),
+            changes: Vec::new(),
+        },
+        Spec {
             tags: &[ONBUILD],
             tar: rootfs(|_| {}),
             changes: std::iter::once(env_path)
@@ -182,8 +194,8 @@ fn specs() -> Vec<Spec> {
     ]
 }
 
-fn docker_text(args: &[&str]) -> Result<String, String> {
-    let mut cmd = Command::new(DOCKER);
+fn docker_text(host: Option<&str>, args: &[&str]) -> Result<String, String> {
+    let mut cmd = command(host);
     cmd.args(args);
     let r = run_with(cmd, None, BUILD_TIMEOUT);
     if r.ok() {
@@ -193,7 +205,7 @@ fn docker_text(args: &[&str]) -> Result<String, String> {
     }
 }
 
-fn ensure(spec: &Spec) -> Result<(), String> {
+fn ensure(host: Option<&str>, spec: &Spec) -> Result<(), String> {
     let mut h = spec.tar.clone();
     for c in &spec.changes {
         h.extend_from_slice(c.as_bytes());
@@ -201,13 +213,16 @@ fn ensure(spec: &Spec) -> Result<(), String> {
     }
     let version = sha256::hex(&h)[..16].to_string();
     let current = |tag: &str| {
-        docker_text(&[
-            "image",
-            "inspect",
-            "--format",
-            &format!("{{{{index .Config.Labels \"{SPEC_LABEL}\"}}}}"),
-            tag,
-        ])
+        docker_text(
+            host,
+            &[
+                "image",
+                "inspect",
+                "--format",
+                &format!("{{{{index .Config.Labels \"{SPEC_LABEL}\"}}}}"),
+                tag,
+            ],
+        )
         .ok()
     };
     if spec
@@ -217,7 +232,7 @@ fn ensure(spec: &Spec) -> Result<(), String> {
     {
         return Ok(());
     }
-    let mut cmd = Command::new(DOCKER);
+    let mut cmd = command(host);
     cmd.arg("import");
     for c in &spec.changes {
         cmd.arg("--change").arg(c);
@@ -231,20 +246,23 @@ fn ensure(spec: &Spec) -> Result<(), String> {
     }
     let id = r.stdout_text().trim().to_string();
     for t in &spec.tags[1..] {
-        docker_text(&["tag", &id, t])?;
+        docker_text(host, &["tag", &id, t])?;
     }
     Ok(())
+}
+
+/// Makes every base image on the daemon `host` (`None`: the local one) that lacks it.
+pub fn base_images_on(host: Option<&str>) -> Result<(), String> {
+    specs()
+        .iter()
+        .try_for_each(|s| ensure(host, s))
+        .map_err(|e| format!("making the local base images: {e}"))
 }
 
 /// Makes every base image (once per test process); panics when Docker cannot.
 pub fn base_images() {
     static DONE: OnceLock<Result<(), String>> = OnceLock::new();
-    let result = DONE.get_or_init(|| {
-        specs()
-            .iter()
-            .try_for_each(ensure)
-            .map_err(|e| format!("making the local base images: {e}"))
-    });
+    let result = DONE.get_or_init(|| base_images_on(None));
     if let Err(e) = result {
         panic!("{e}");
     }
