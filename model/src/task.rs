@@ -1,5 +1,5 @@
 //! What the scheduler hands an executor, and what comes back. The same types travel to
-//! remote workers over gRPC (issue #4), so everything here is plain data; the build's
+//! remote workers over gRPC (as `wire` documents), so everything here is plain data; the build's
 //! context files and secrets reach the executor through [`BuildInputs`].
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -261,7 +261,8 @@ impl StageError {
     }
 }
 
-/// Runs stage tasks: the local Docker executor (`worker` crate) or, later, a remote worker.
+/// Runs stage tasks: the Docker executor (`worker` crate), or the farm's worker pool
+/// (`coordinator::pool`), which places each on a remote worker.
 ///
 /// **Cancel safety**: `run_stage` is not cancel safe. Dropping its future can leave a
 /// container behind; cancel through `cancel` and keep awaiting the future, which then
