@@ -55,6 +55,7 @@ parity_cases!(
     run_mounts,
     run_network,
     scratch,
+    segments,
     shell_forms,
     stage_args,
     target,

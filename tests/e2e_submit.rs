@@ -532,3 +532,60 @@ fn network_none_applies_to_every_run() {
     );
     assert!(!bad.ok());
 }
+
+/// A stage's work before it first reads another stage (its first segment) runs while that
+/// stage builds, as BuildKit schedules instructions rather than stages; and it is reused
+/// when only the stage it copies from changed.
+#[test]
+fn a_final_stages_prefix_runs_while_its_sources_build() {
+    base_images();
+    let _g = shared();
+    let data = testkit::data_dir();
+    let dockerfile = |v: &str| {
+        format!(
+            "FROM alpine:latest AS src\nRUN sleep 2 && echo {v} > /v\n\n\
+             FROM alpine:latest\nRUN sleep 2 && echo prefix > /p\nCOPY --from=src /v /v\n"
+        )
+    };
+    let ctx = context(&[("Dockerfile", &dockerfile("one"))]);
+    let submit = |extra: &[&str]| {
+        let mut args = vec!["--progress", "json", "--output", "type=none"];
+        args.extend_from_slice(extra);
+        let r = dbuild_submit(&BuildSpec::new(ctx.path()), &args, data.path());
+        assert!(r.ok(), "{}", r.report());
+        events(&r)
+    };
+    let position = |ev: &[Value], event: &str, stage: u64| {
+        ev.iter()
+            .position(|e| e["event"] == event && e["stage"] == stage)
+            .unwrap_or_else(|| panic!("no {event} of stage {stage} in {ev:#?}"))
+    };
+    let finished = |ev: &[Value], stage: u64| ev[position(ev, "stage_finished", stage)].clone();
+
+    let cold = submit(&["--no-cache"]);
+    assert!(
+        position(&cold, "stage_started", 1) < position(&cold, "stage_finished", 0),
+        "the final stage waited for the stage it copies from:\n{cold:#?}"
+    );
+    let last = finished(&cold, 1);
+    assert_eq!(
+        (last["executed"].as_u64(), last["reused"].as_u64()),
+        (Some(1), Some(1)),
+        "the final stage's task runs only its COPY --from, reusing its first segment's RUN:\n{last:#}"
+    );
+
+    // Only the source changes: the final stage's RUN before the COPY is not run again.
+    std::fs::write(ctx.path().join("Dockerfile"), dockerfile("two")).unwrap();
+    let edited = submit(&[]);
+    assert_eq!(
+        finished(&edited, 0)["executed"].as_u64(),
+        Some(1),
+        "{edited:#?}"
+    );
+    let last = finished(&edited, 1);
+    assert_eq!(
+        (last["executed"].as_u64(), last["reused"].as_u64()),
+        (Some(1), Some(1)),
+        "only the COPY --from runs again:\n{last:#}"
+    );
+}

@@ -122,6 +122,14 @@ pub struct StageTask {
     /// cache record is a hit only when it holds this.
     #[serde(default)]
     pub export: Export,
+    /// The first `reuse` instructions may be reused from their committed images even
+    /// under `no_cache`: this build has just built them, as the stage's first segment.
+    #[serde(default)]
+    pub reuse: usize,
+    /// The key of this stage's first segment when this build ran it ahead (its images
+    /// are where it ran: a farm prefers that worker).
+    #[serde(default)]
+    pub after: Option<StageKey>,
 }
 
 impl StageTask {

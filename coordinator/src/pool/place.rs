@@ -45,9 +45,10 @@ impl WorkerPool {
             .collect()
     }
 
-    /// The stage keys a task reads from other stages.
+    /// The stage keys a task reads from other stages (and its first segment, whose
+    /// worker holds the images it continues from).
     fn inputs_of(task: &StageTask) -> Vec<StageKey> {
-        let mut keys = Vec::new();
+        let mut keys: Vec<StageKey> = task.after.into_iter().collect();
         if let TaskBase::Stage { key, .. } = &task.base {
             keys.push(*key);
         }

@@ -145,7 +145,36 @@ pub(super) fn stage_task_keyed(
         digest_paths: read_paths.into_iter().flatten().cloned().collect(),
         park: parkable(plan, index),
         export: req.exports.get(&index).cloned().unwrap_or_default(),
+        reuse: 0,
+        after: None,
     }
+}
+
+/// Where stage `index` splits into segments: the first instruction that reads another
+/// stage (`COPY --from`, `RUN --mount from=`), when a `RUN` comes before it. What comes
+/// before needs only the base, so it can run while the stages read are still building.
+/// A stage with `ONBUILD` is never split (its triggers belong to its consumers).
+pub(super) fn split_point(plan: &Plan, index: usize) -> Option<usize> {
+    use model::frontend::instructions::Instruction;
+    let stage = &plan.stages[index];
+    if stage
+        .instructions
+        .iter()
+        .any(|pi| matches!(pi.instruction, Instruction::Onbuild(_)))
+    {
+        return None;
+    }
+    let reads_stage = |pi: &model::frontend::plan::PlannedInstruction| {
+        pi.copy_from
+            .iter()
+            .chain(pi.mount_from.iter().flatten())
+            .any(|r| matches!(r, StageRef::Stage(_)))
+    };
+    let k = stage.instructions.iter().position(reads_stage)?;
+    stage.instructions[..k]
+        .iter()
+        .any(|pi| matches!(pi.instruction, Instruction::Run(_)))
+        .then_some(k)
 }
 
 /// Whether the build reads stage `index` only through plain `COPY --from` paths (see

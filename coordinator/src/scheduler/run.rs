@@ -4,7 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use model::keys::{content_paths, rekey_stage, StageKeys};
+use model::frontend::plan::StageRef;
+use model::keys::{content_paths, rekey_stage, StageKey, StageKeys};
 use model::task::{BuildInputs, Executor, StageError};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -12,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::events::{BuildError, BuildEvent, BuildOutcome};
 use super::lookup::{lookup, Done, Hit};
-use super::request::{critical_path, stage_task_keyed, BuildRequest};
+use super::request::{critical_path, split_point, stage_task_keyed, BuildRequest};
 use super::stage::{Releases, StageDone, StageJob};
 use crate::cache::StageCache;
 use crate::sync::lock;
@@ -90,6 +91,14 @@ impl Scheduler {
     }
 }
 
+/// A stage's first segment, run ahead by this build.
+struct Segment {
+    done: bool,
+    key: StageKey,
+    /// How many of the stage's instructions it holds.
+    len: usize,
+}
+
 /// One build's state while the scheduler runs it.
 struct BuildRun<'a> {
     scheduler: &'a Scheduler,
@@ -119,6 +128,11 @@ struct BuildRun<'a> {
     rekeyed: BTreeSet<usize>,
     /// What later stages read from each stage, which it reports the contents of.
     reads: BTreeMap<usize, BTreeSet<String>>,
+    /// Stages whose first segment (what comes before their first read of another stage)
+    /// this build ran ahead, and whether it is done; its key.
+    segments: BTreeMap<usize, Segment>,
+    /// Stages whose start was announced (by their first segment).
+    announced: BTreeSet<usize>,
 }
 
 impl<'a> BuildRun<'a> {
@@ -151,6 +165,8 @@ impl<'a> BuildRun<'a> {
             contents: BTreeMap::new(),
             rekeyed: BTreeSet::new(),
             reads: content_paths(plan),
+            segments: BTreeMap::new(),
+            announced: BTreeSet::new(),
         }
     }
 
@@ -167,10 +183,20 @@ impl<'a> BuildRun<'a> {
     }
 
     fn is_ready(&self, i: usize) -> bool {
-        self.req.plan.stages[i]
-            .depends_on
-            .iter()
-            .all(|d| self.done.contains_key(d))
+        // A stage whose first segment runs waits for it, then continues from its images.
+        !matches!(self.segments.get(&i), Some(Segment { done: false, .. }))
+            && self.req.plan.stages[i]
+                .depends_on
+                .iter()
+                .all(|d| self.done.contains_key(d))
+    }
+
+    /// Whether stage `i`'s base is there (it may start its first segment).
+    fn base_ready(&self, i: usize) -> bool {
+        match self.req.plan.stages[i].base {
+            StageRef::Stage(b) => self.done.contains_key(&b),
+            _ => true,
+        }
     }
 
     fn any_ready(&self) -> bool {
@@ -200,7 +226,7 @@ impl<'a> BuildRun<'a> {
                     &self.contents,
                 );
             }
-            let task = stage_task_keyed(
+            let mut task = stage_task_keyed(
                 self.req,
                 &self.keys,
                 &self.contents,
@@ -208,6 +234,11 @@ impl<'a> BuildRun<'a> {
                 self.reads.get(&i),
                 i,
             );
+            if let Some(seg) = self.segments.get(&i) {
+                // Continues from what its first segment built (under --no-cache too).
+                task.reuse = seg.len;
+                task.after = Some(seg.key);
+            }
             if !self.req.skips_cache(i) {
                 let executor = &*self.scheduler.executor;
                 if let Some(hit) = lookup(executor, self.scheduler.cache.as_deref(), &task).await {
@@ -233,6 +264,97 @@ impl<'a> BuildRun<'a> {
                 flights: self.scheduler.flights.clone(),
                 releases: Arc::clone(&self.releases),
                 cancel: self.stages_cancel.child_token(),
+                announce: self.announced.insert(i),
+                segment: false,
+                record_name: self.req.plan.stages[i].display_name(),
+            };
+            self.running.spawn(job.run());
+        }
+        self.start_segments().await;
+    }
+
+    /// Runs ahead, while there are free slots, the first segment of each stage that
+    /// still waits for a stage it reads but whose base is there: its instructions up to
+    /// that read need nothing else (BuildKit schedules instructions, not stages). The
+    /// stage's own task then reuses what the segment built, instruction by instruction.
+    async fn start_segments(&mut self) {
+        let plan = &self.req.plan;
+        let mut waiting: Vec<usize> = self
+            .pending
+            .iter()
+            .copied()
+            .filter(|i| !self.segments.contains_key(i) && !self.is_ready(*i) && self.base_ready(*i))
+            .collect();
+        waiting.sort_by_key(|i| (std::cmp::Reverse(self.priority[*i]), *i));
+        for i in waiting {
+            if self.running.len() >= self.scheduler.jobs {
+                break;
+            }
+            let Some(k) = split_point(plan, i) else {
+                continue;
+            };
+            // Keyed as the stage will be: its base's key is final, and nothing before
+            // the split reads a stage that is not done.
+            let keys = rekey_stage(
+                plan,
+                i,
+                &self.keys,
+                &self.inputs.manifest,
+                &self.req.pinned,
+                &self.contents,
+            );
+            let mut task =
+                stage_task_keyed(self.req, &self.keys, &self.contents, &self.done, None, i);
+            task.instructions.truncate(k);
+            for (ti, link) in task.instructions.iter_mut().zip(&keys.chain[1..]) {
+                ti.key = link.key;
+            }
+            task.key = StageKey(keys.chain[k].key.0);
+            task.park = false;
+            task.export = Default::default();
+            task.digest_paths = Vec::new();
+            let key = task.key;
+            // Already built (by an earlier build of this prefix): nothing to run ahead.
+            if !self.req.skips_cache(i) && self.scheduler.executor.stage_image(&key).await.is_some()
+            {
+                self.segments.insert(
+                    i,
+                    Segment {
+                        done: true,
+                        key,
+                        len: k,
+                    },
+                );
+                continue;
+            }
+            self.segments.insert(
+                i,
+                Segment {
+                    done: false,
+                    key,
+                    len: k,
+                },
+            );
+            let job = StageJob {
+                index: i,
+                task,
+                name: self.name(i),
+                key_hex: self.key_hex(i),
+                worker: self.worker.clone(),
+                executor: Arc::clone(&self.scheduler.executor),
+                inputs: self.inputs.clone(),
+                events: self.events.clone(),
+                cache: self.scheduler.cache.clone(),
+                flights: self.scheduler.flights.clone(),
+                releases: Arc::clone(&self.releases),
+                cancel: self.stages_cancel.child_token(),
+                announce: self.announced.insert(i),
+                segment: true,
+                record_name: format!(
+                    "{} (to line {})",
+                    plan.stages[i].display_name(),
+                    plan.stages[i].instructions[k - 1].start_line
+                ),
             };
             self.running.spawn(job.run());
         }
@@ -254,7 +376,28 @@ impl<'a> BuildRun<'a> {
     /// Takes one stage's end: done (built or found), or failed, which cancels the rest.
     fn stage_ended(&mut self, joined: Result<StageDone, tokio::task::JoinError>) {
         let (i, result, placed) = match joined {
-            Ok(r) => r,
+            Ok(StageDone {
+                index,
+                segment: true,
+                result,
+                worker,
+            }) => {
+                match result {
+                    Ok(_) => {
+                        if let Some(seg) = self.segments.get_mut(&index) {
+                            seg.done = true;
+                        }
+                    }
+                    Err(error) => self.failed(index, worker, error),
+                }
+                return;
+            }
+            Ok(StageDone {
+                index,
+                result,
+                worker,
+                ..
+            }) => (index, result, worker),
             Err(e) => {
                 self.failure.get_or_insert(BuildError::Stage {
                     stage: usize::MAX,
@@ -283,27 +426,30 @@ impl<'a> BuildRun<'a> {
                 self.contents.insert(i, r.contents.clone());
                 self.results.insert(i, r);
             }
-            Err(error) => {
-                let cancelled = error.cancelled;
-                self.ev(BuildEvent::StageFailed {
-                    stage: i,
-                    name: self.name(i),
-                    key: self.key_hex(i),
-                    worker: placed,
-                    error: error.message.clone(),
-                    line: error.line,
-                    log_tail: error.log_tail.clone(),
-                });
-                if !cancelled && self.failure.is_none() {
-                    self.failure = Some(BuildError::Stage {
-                        stage: i,
-                        name: self.req.plan.stages[i].display_name(),
-                        error,
-                    });
-                }
-                self.stages_cancel.cancel();
-            }
+            Err(error) => self.failed(i, placed, error),
         }
+    }
+
+    /// Stage `i` (or its first segment) failed: the build fails and the rest stop.
+    fn failed(&mut self, i: usize, worker: String, error: StageError) {
+        let cancelled = error.cancelled;
+        self.ev(BuildEvent::StageFailed {
+            stage: i,
+            name: self.name(i),
+            key: self.key_hex(i),
+            worker,
+            error: error.message.clone(),
+            line: error.line,
+            log_tail: error.log_tail.clone(),
+        });
+        if !cancelled && self.failure.is_none() {
+            self.failure = Some(BuildError::Stage {
+                stage: i,
+                name: self.req.plan.stages[i].display_name(),
+                error,
+            });
+        }
+        self.stages_cancel.cancel();
     }
 
     /// Lets every claim go once its image is written, then says how the build ended.

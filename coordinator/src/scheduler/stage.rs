@@ -31,27 +31,47 @@ pub(super) struct StageJob {
     pub flights: Option<std::path::PathBuf>,
     pub releases: Releases,
     pub cancel: CancellationToken,
+    /// Whether this task's start is the stage's start (not when its first segment
+    /// already announced it).
+    pub announce: bool,
+    /// This task is the stage's first segment, run ahead of the stages it reads.
+    pub segment: bool,
+    /// The name its cache record gets.
+    pub record_name: String,
 }
 
-/// What a stage's task returns: its index, how it ended, and the worker that ran it.
-pub(super) type StageDone = (usize, Result<Done, StageError>, String);
+/// What a stage's task returns.
+pub(super) struct StageDone {
+    pub index: usize,
+    pub segment: bool,
+    pub result: Result<Done, StageError>,
+    /// The worker that ran it.
+    pub worker: String,
+}
 
 impl StageJob {
     pub(super) async fn run(self) -> StageDone {
-        let i = self.index;
+        let (index, segment) = (self.index, self.segment);
+        let done = |result, worker| StageDone {
+            index,
+            segment,
+            result,
+            worker,
+        };
         // A --no-cache build claims the key too (it never reuses), so two builders never
         // write one key's image and record at once.
         let claim = match &self.flights {
             Some(dir) => match claim(dir, &self.task.key, &self.cancel).await {
-                Claim::Cancelled => return (i, Err(StageError::cancelled()), self.worker),
+                Claim::Cancelled => return done(Err(StageError::cancelled()), self.worker),
                 // Whoever held the key may have finished it since this build looked
                 // (waiting or not): look again.
                 Claim::Held(held) => {
-                    if !self.task.no_cache {
+                    // A segment is looked up by its stage's task instead (per instruction).
+                    if !self.task.no_cache && !self.segment {
                         if let Some(hit) =
                             lookup(&*self.executor, self.cache.as_deref(), &self.task).await
                         {
-                            return (i, Ok(Done::Cached(hit)), self.worker);
+                            return done(Ok(Done::Cached(hit)), self.worker);
                         }
                     }
                     Some(held)
@@ -60,11 +80,11 @@ impl StageJob {
             },
             None => None,
         };
-        if !self.executor.places_stages() {
+        if !self.executor.places_stages() && self.announce {
             self.started(self.worker.clone());
         }
         let (result, worker) = self.build(claim).await;
-        (i, result.map(Done::Built), worker)
+        done(result.map(Done::Built), worker)
     }
 
     fn started(&self, worker: String) {
@@ -83,12 +103,14 @@ impl StageJob {
         claim: Option<HeldLock>,
     ) -> (Result<model::task::StageResult, StageError>, String) {
         let task = self.task.clone();
-        let (stage_key, stage_name, tags) = (task.key, task.display_name(), stage_tags(&task));
+        let (stage_key, stage_name, tags) = (task.key, self.record_name.clone(), stage_tags(&task));
         let mut worker = self.worker.clone();
         let mut forward = |l: StageLog| {
             if let Some(placed) = l.placed_on {
                 worker = placed;
-                self.started(worker.clone());
+                if self.announce {
+                    self.started(worker.clone());
+                }
                 return;
             }
             let _ = self.events.send(BuildEvent::Log {

@@ -260,12 +260,12 @@ impl DockerExecutor {
             durable,
         };
         let (mut executed, mut reused) = (0, 0);
-        for ti in &task.instructions {
+        for (n, ti) in task.instructions.iter().enumerate() {
             if cancel.is_cancelled() {
                 return Err(StageError::cancelled());
             }
             let tag = instruction_image_tag(&ti.key);
-            if !task.no_cache {
+            if !task.no_cache || n < task.reuse {
                 if let Some((id, s, size)) = self.daemon.inspect_sized(&tag).await? {
                     self.flush(&mut st).await?;
                     st.durable = (s.layers.len(), Some(id.clone()));
