@@ -369,3 +369,51 @@ fn sigterm_stops_cleanly_and_workers_survive_a_coordinator_restart() {
     assert_eq!(r.placement(0).as_deref(), Some("survivor"));
     assert!(term(&mut w).success(), "worker exit status");
 }
+
+/// On a farm too, a final stage's work before its first COPY --from (its first segment)
+/// runs while the stage it copies from builds, and the stage continues on the worker
+/// that ran it.
+#[test]
+fn a_final_stages_prefix_runs_while_its_source_builds_on_a_farm() {
+    testkit::base_images();
+    let data = testkit::data_dir();
+    let (_coord, url) = start_coordinator(&data.path().join("coord"));
+    let _w1 = start_worker(&url, "seg-a", 1, &data.path().join("w1"), None);
+    let _w2 = start_worker(&url, "seg-b", 1, &data.path().join("w2"), None);
+    wait_for_workers(&url, 2);
+    let id = std::process::id();
+    let ctx = write_ctx(&format!(
+        "FROM alpine:latest AS src\nRUN sleep 2 && echo src-{id} > /v\n\n\
+         FROM alpine:latest\nRUN sleep 2 && echo prefix-{id} > /p\nCOPY --from=src /v /v\n"
+    ));
+    let t = format!("dbuild-farm-test:segments-{id}");
+    let r = submit(
+        &url,
+        ctx.path(),
+        &["-t", &t, "--no-cache"],
+        &data.path().join("client"),
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let position = |event: &str, stage: u64| {
+        r.events
+            .iter()
+            .position(|e| e["event"] == event && e["stage"] == stage)
+            .unwrap_or_else(|| panic!("no {event} of stage {stage}: {:#?}", r.events))
+    };
+    assert!(
+        position("stage_started", 1) < position("stage_finished", 0),
+        "the final stage waited for the stage it copies from: {:#?}",
+        r.events
+    );
+    let last = &r.events[position("stage_finished", 1)];
+    assert_eq!(
+        last["executed"].as_u64(),
+        Some(1),
+        "the stage continued where its first segment ran: {last:#}"
+    );
+    assert_eq!(
+        run_image(&t, &["cat", "/p", "/v"]).trim(),
+        format!("prefix-{id}\nsrc-{id}")
+    );
+    let _ = Command::new("docker").args(["rmi", &t]).output();
+}

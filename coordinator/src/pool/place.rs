@@ -76,8 +76,12 @@ impl WorkerPool {
             .values()
             .filter(|w| w.has_free_slot())
             .max_by_key(|w| {
+                // The worker that ran the stage's first segment continues from its
+                // images; the others would build that part again.
+                let continues = task.after.is_some_and(|k| w.holds.contains(&k));
                 let held = inputs.iter().filter(|k| w.holds.contains(k)).count();
                 (
+                    continues,
                     held,
                     std::cmp::Reverse(w.running.len()),
                     std::cmp::Reverse(w.name.clone()),
