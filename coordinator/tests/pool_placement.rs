@@ -13,18 +13,8 @@ use model::context::ContextManifest;
 use model::frontend::parser::parse;
 use model::frontend::plan::{plan, PlanOptions, Platform};
 use model::keys::{compute_keys, Unresolved};
-use model::task::{BuildInputs, ContextFiles, Executor, StageResult};
+use model::task::{BuildInputs, EmptyContext, Executor, StageResult};
 use tokio_util::sync::CancellationToken;
-
-struct NoFiles;
-impl ContextFiles for NoFiles {
-    fn open(&self, p: &str) -> std::io::Result<Box<dyn std::io::Read + Send>> {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            p.to_string(),
-        ))
-    }
-}
 
 fn request(stages: usize) -> BuildRequest {
     let src: String = (0..stages)
@@ -88,7 +78,7 @@ async fn contended_round() -> usize {
     let req = request(STAGES);
     let inputs = BuildInputs {
         manifest: Arc::new(ContextManifest::default()),
-        context: Arc::new(NoFiles),
+        context: Arc::new(EmptyContext),
         secrets: Arc::new(BTreeMap::new()),
     };
     let mut stages = Vec::new();

@@ -11,7 +11,7 @@ use model::frontend::parser::parse;
 use model::frontend::plan::{plan, PlanOptions, Platform};
 use model::keys::{compute_keys, StageKey, Unresolved};
 use model::task::{
-    BuildInputs, ContextFiles, Executor, StageError, StageLog, StageResult, StageTask,
+    BuildInputs, EmptyContext, Executor, StageError, StageLog, StageResult, StageTask,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -105,16 +105,6 @@ impl Executor for SimulatedExecutor {
     }
 }
 
-struct NoFiles;
-impl ContextFiles for NoFiles {
-    fn open(&self, p: &str) -> std::io::Result<Box<dyn std::io::Read + Send>> {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            p.to_string(),
-        ))
-    }
-}
-
 fn request(src: &str, target: Option<&str>) -> BuildRequest {
     request_with(src, target, &[])
 }
@@ -149,7 +139,7 @@ fn request_with(src: &str, target: Option<&str>, args: &[(&str, &str)]) -> Build
 fn inputs() -> BuildInputs {
     BuildInputs {
         manifest: Arc::new(ContextManifest::default()),
-        context: Arc::new(NoFiles),
+        context: Arc::new(EmptyContext),
         secrets: Arc::new(BTreeMap::new()),
     }
 }

@@ -161,6 +161,18 @@ pub struct StageResult {
     pub contents: BTreeMap<String, String>,
 }
 
+/// The context of a build that reads no file from it (every open is `NotFound`).
+pub struct EmptyContext;
+
+impl ContextFiles for EmptyContext {
+    fn open(&self, path: &str) -> std::io::Result<Box<dyn Read + Send>> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            path.to_string(),
+        ))
+    }
+}
+
 /// Reads the build context's files for an executor.
 pub trait ContextFiles: Send + Sync {
     /// Opens the context file at `path` (relative, `/`-separated, as in the manifest).

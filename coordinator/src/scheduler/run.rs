@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use model::frontend::plan::StageRef;
 use model::keys::{content_paths, rekey_stage, StageKey, StageKeys};
-use model::task::{BuildInputs, Executor, StageError};
+use model::task::{BuildInputs, Executor, StageError, StageTask};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -251,26 +251,32 @@ impl<'a> BuildRun<'a> {
                 break;
             }
             self.pending.remove(&i);
-            let job = StageJob {
-                index: i,
-                task,
-                name: self.name(i),
-                key_hex: self.key_hex(i),
-                worker: self.worker.clone(),
-                executor: Arc::clone(&self.scheduler.executor),
-                inputs: self.inputs.clone(),
-                events: self.events.clone(),
-                cache: self.scheduler.cache.clone(),
-                flights: self.scheduler.flights.clone(),
-                releases: Arc::clone(&self.releases),
-                cancel: self.stages_cancel.child_token(),
-                announce: self.announced.insert(i),
-                segment: false,
-                record_name: self.req.plan.stages[i].display_name(),
-            };
-            self.running.spawn(job.run());
+            let record_name = self.req.plan.stages[i].display_name();
+            self.spawn(i, task, false, record_name);
         }
         self.start_segments().await;
+    }
+
+    /// Runs stage `i`'s task, or its first segment's, on the executor.
+    fn spawn(&mut self, i: usize, task: StageTask, segment: bool, record_name: String) {
+        let job = StageJob {
+            index: i,
+            task,
+            name: self.name(i),
+            key_hex: self.key_hex(i),
+            worker: self.worker.clone(),
+            executor: Arc::clone(&self.scheduler.executor),
+            inputs: self.inputs.clone(),
+            events: self.events.clone(),
+            cache: self.scheduler.cache.clone(),
+            flights: self.scheduler.flights.clone(),
+            releases: Arc::clone(&self.releases),
+            cancel: self.stages_cancel.child_token(),
+            announce: self.announced.insert(i),
+            segment,
+            record_name,
+        };
+        self.running.spawn(job.run());
     }
 
     /// Runs ahead, while there are free slots, the first segment of each stage that
@@ -335,28 +341,12 @@ impl<'a> BuildRun<'a> {
                     len: k,
                 },
             );
-            let job = StageJob {
-                index: i,
-                task,
-                name: self.name(i),
-                key_hex: self.key_hex(i),
-                worker: self.worker.clone(),
-                executor: Arc::clone(&self.scheduler.executor),
-                inputs: self.inputs.clone(),
-                events: self.events.clone(),
-                cache: self.scheduler.cache.clone(),
-                flights: self.scheduler.flights.clone(),
-                releases: Arc::clone(&self.releases),
-                cancel: self.stages_cancel.child_token(),
-                announce: self.announced.insert(i),
-                segment: true,
-                record_name: format!(
-                    "{} (to line {})",
-                    plan.stages[i].display_name(),
-                    plan.stages[i].instructions[k - 1].start_line
-                ),
-            };
-            self.running.spawn(job.run());
+            let record_name = format!(
+                "{} (to line {})",
+                plan.stages[i].display_name(),
+                plan.stages[i].instructions[k - 1].start_line
+            );
+            self.spawn(i, task, true, record_name);
         }
     }
 
