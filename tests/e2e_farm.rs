@@ -387,6 +387,8 @@ fn a_final_stages_prefix_runs_while_its_source_builds_on_a_farm() {
          FROM alpine:latest\nRUN sleep 2 && echo prefix-{id} > /p\nCOPY --from=src /v /v\n"
     ));
     let t = format!("dbuild-farm-test:segments-{id}");
+    // Removed however the test ends.
+    let _image = testkit::docker::Image::new(t.clone());
     let r = submit(
         &url,
         ctx.path(),
@@ -415,5 +417,4 @@ fn a_final_stages_prefix_runs_while_its_source_builds_on_a_farm() {
         run_image(&t, &["cat", "/p", "/v"]).trim(),
         format!("prefix-{id}\nsrc-{id}")
     );
-    let _ = Command::new("docker").args(["rmi", &t]).output();
 }
