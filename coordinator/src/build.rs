@@ -13,7 +13,7 @@ use std::sync::Arc;
 use model::context::ContextManifest;
 use model::frontend::plan::Plan;
 use model::ids::BuildId;
-use model::keys::{compute_keys, StageKeys};
+use model::keys::{compute_keys, StageKey, StageKeys};
 use model::task::{BuildInputs, Executor, StageError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +24,29 @@ use crate::scheduler::{
     external_images, BuildError, BuildEvent, BuildOutcome, BuildRequest, PinnedImages, Scheduler,
 };
 use crate::store::Store;
+
+/// Pins every external image `plan` reads to its id through `executor` (pulling per
+/// `pull`) and keys the plan with those ids: a moved tag is a miss, and every stage
+/// builds from the pinned id.
+pub async fn pin_and_key(
+    executor: &dyn Executor,
+    plan: &Plan,
+    manifest: &ContextManifest,
+    pull: bool,
+) -> Result<(PinnedImages, Vec<StageKeys>), PrepareError> {
+    let references: Vec<String> = external_images(plan)
+        .into_iter()
+        .filter(|r| !r.eq_ignore_ascii_case("scratch"))
+        .collect();
+    let pinned = PinnedImages(
+        executor
+            .pin_images(&references, pull)
+            .await
+            .map_err(|e: StageError| PrepareError::Pin(e.message))?,
+    );
+    let keys = compute_keys(plan, manifest, &pinned);
+    Ok((pinned, keys))
+}
 
 /// `--network` for RUN instructions without their own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -154,41 +177,28 @@ impl Session {
         self
     }
 
-    pub fn executor(&self) -> &Arc<dyn Executor> {
-        &self.executor
-    }
-
-    /// Pins the plan's external images through the executor and keys the plan with
-    /// them: a moved tag is a miss, and every stage builds from the pinned id.
+    /// Pins the plan's external images through the session's executor and keys the plan
+    /// (see [`pin_and_key`]).
     pub async fn pin_and_key(
         &self,
         plan: &Plan,
         manifest: &ContextManifest,
         pull: bool,
     ) -> Result<(PinnedImages, Vec<StageKeys>), PrepareError> {
-        let references: Vec<String> = external_images(plan)
-            .into_iter()
-            .filter(|r| !r.eq_ignore_ascii_case("scratch"))
-            .collect();
-        let pinned = PinnedImages(
-            self.executor
-                .pin_images(&references, pull)
-                .await
-                .map_err(|e: StageError| PrepareError::Pin(e.message))?,
-        );
-        let keys = compute_keys(plan, manifest, &pinned);
-        Ok((pinned, keys))
+        pin_and_key(&*self.executor, plan, manifest, pull).await
     }
 
-    /// Pins, keys and works out the exports of a planned build.
+    /// Pins, keys and works out the exports of a planned build; `name` gives the build
+    /// its id from the target's key.
     pub async fn prepare(
         &self,
-        build_id: BuildId,
+        name: impl FnOnce(&StageKey) -> BuildId,
         plan: Plan,
         manifest: ContextManifest,
         options: &BuildOptions,
     ) -> Result<Prepared, PrepareError> {
         let (pinned, keys) = self.pin_and_key(&plan, &manifest, options.pull).await?;
+        let build_id = name(&keys[plan.target].key);
         let no_cache_stages: BTreeSet<usize> = plan
             .stage_indices(&options.no_cache_filter)
             .map_err(|e| PrepareError::NoCacheFilter(e.to_string()))?;

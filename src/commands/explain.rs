@@ -80,7 +80,9 @@ async fn embedded(
             .context("connecting to the Docker daemon (explain pins base images as submit does)")?
             .with_park_dir(&data.join(worker::executor::park::DIR)),
     );
-    let (pinned, keys) = super::submit::pin_and_key(Arc::clone(&executor), analysis, false).await?;
+    let (pinned, keys) =
+        coordinator::build::pin_and_key(&*executor, &analysis.plan, &analysis.manifest, false)
+            .await?;
     let index = open_index(&data).context("the build history (<data-dir>/index) is unavailable")?;
     let cache = StageCache::new(Arc::clone(&index) as Arc<dyn Store>, None)
         .context("opening the stage cache")?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use coordinator::build::{BuildOptions, Session};
 use coordinator::cache::StageCache;
-use coordinator::scheduler::{BuildError, PinnedImages};
+use coordinator::scheduler::BuildError;
 use coordinator::store::Store;
 use model::ids::BuildId;
 use model::task::{BuildInputs, Executor, LocalContext};
@@ -154,15 +154,10 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
     // The stage cache shares the index with the history; another dbuild holding the
     // index means this build neither counts nor records (the daemon's images still hit).
     let history = open_index(&data);
-    let mut cache: Option<Arc<StageCache>> = None;
     if let Some(index) = &history {
         session = session.with_history(Arc::clone(index) as Arc<dyn Store>);
         match StageCache::new(Arc::clone(index) as Arc<dyn Store>, None) {
-            Ok(c) => {
-                let c = Arc::new(c);
-                session = session.with_cache(Arc::clone(&c)).with_cap(cache_cap());
-                cache = Some(c);
-            }
+            Ok(c) => session = session.with_cache(Arc::new(c)).with_cap(cache_cap()),
             Err(e) => tracing::warn!(error = %e, "stage cache unavailable for this build"),
         }
     }
@@ -173,20 +168,15 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
         network: args.network.parse()?,
         export_target_image: false,
     };
-    let mut prepared = session
+    let prepared = session
         .prepare(
-            BuildId::default(),
+            |target| BuildId(format!("{}-{}", std::process::id(), target.to_hex())),
             analysis.plan,
             analysis.manifest,
             &options,
         )
         .await?;
     let plan = Arc::clone(&prepared.request.plan);
-    prepared.request.build_id = BuildId(format!(
-        "{}-{}",
-        std::process::id(),
-        prepared.keys[plan.target].key.to_hex()
-    ));
     let history_id = dockerfile_id(&dockerfile);
     let why = history
         .as_ref()
@@ -253,7 +243,7 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<Summary> {
             .with_context(|| format!("writing --iidfile {}", path.display()))?;
     }
     // The cap evicted these records after the build; their images go from the daemon.
-    if let (Some(report), Some(_)) = (&ran.evicted, &cache) {
+    if let Some(report) = &ran.evicted {
         if let Err(e) =
             super::cache::remove_images(args.docker_host.as_deref(), &data, report).await
         {
@@ -280,18 +270,6 @@ fn cache_cap() -> u64 {
         },
         Err(_) => 20_000_000_000,
     }
-}
-
-/// Pins every external image the build reads to its id on the executor's daemon (pulling
-/// per `pull`), then keys the plan with those ids (as `submit` does, for `explain`).
-pub(crate) async fn pin_and_key(
-    executor: Arc<dyn Executor>,
-    analysis: &model::analysis::Analysis,
-    pull: bool,
-) -> anyhow::Result<(PinnedImages, Vec<model::keys::StageKeys>)> {
-    Ok(Session::new(executor, 1)
-        .pin_and_key(&analysis.plan, &analysis.manifest, pull)
-        .await?)
 }
 
 /// The one message a failed build ends with: stage, Dockerfile line, error, last log lines.

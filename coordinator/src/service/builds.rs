@@ -160,15 +160,18 @@ impl BuildService for BuildServer {
         };
         let (plan, manifest) = Self::plan_request(&r)?;
         let session = self.session();
-        let build_id = BuildId(format!(
-            "b{}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or(0),
-        ));
-        let mut prepared = session
-            .prepare(build_id, plan, manifest, &options)
+        // The id names the target's key too, for whoever reads the coordinator's logs.
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let prepared = session
+            .prepare(
+                |target| BuildId(format!("b{millis}-{}", &target.to_hex()[..12])),
+                plan,
+                manifest,
+                &options,
+            )
             .await
             .map_err(|e| match e {
                 PrepareError::Pin(_) => Status::failed_precondition(e.to_string()),
@@ -192,13 +195,7 @@ impl BuildService for BuildServer {
                 missing[0]
             )));
         }
-        // The id also names the target's key, for whoever reads the coordinator's logs.
-        let build_id = BuildId(format!(
-            "{}-{}",
-            prepared.request.build_id,
-            &keys[plan.target].key.to_hex()[..12]
-        ));
-        prepared.request.build_id = build_id.clone();
+        let build_id = prepared.request.build_id.clone();
         let inputs = BuildInputs {
             manifest: Arc::clone(&prepared.manifest),
             context: Arc::new(BlobContext {
